@@ -1,0 +1,55 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Each sets up what it needs.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+MODEL_CONFIGS := $(wildcard configs/*.yaml)
+
+.PHONY: serve test lint format bench models container-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# Serving needs no torch: the base install is enough.
+$(VENV)/.serve-installed: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	@touch $@
+
+# Tests train small models, so they need the training stack too (torch==2.13.0, a local CPU wheel here).
+$(VENV)/.dev-installed: pyproject.toml | $(PY)
+	$(PIP) install -e '.[train,dev]'
+	@touch $@ $(VENV)/.serve-installed
+
+serve: $(VENV)/.serve-installed
+	$(BIN)/modelserve serve
+
+test: $(VENV)/.dev-installed
+	$(BIN)/pytest -m "not container" tests
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+format: $(VENV)/.dev-installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(VENV)/.dev-installed
+	$(PY) -m bench.run
+
+# Retrain every shipped model from its committed config.
+models: $(VENV)/.dev-installed
+	@for cfg in $(MODEL_CONFIGS); do \
+		echo "== $$cfg"; \
+		$(BIN)/modeltrain fit $$cfg --output models --replace || exit 1; \
+	done
+
+container-test: $(VENV)/.dev-installed
+	$(BIN)/pytest -m container tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
