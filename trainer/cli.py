@@ -1,0 +1,144 @@
+"""`modeltrain`: the training command line.
+
+Each subcommand lives in a module with a `add_*_command(subparsers)` function listed in `COMMANDS`;
+it registers its parser and sets `handler` (a function of the parsed args returning an exit status).
+Deliberate errors (`TrainerError`) print one line on stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig, load_config
+from trainer.errors import ExportError, TrainerError
+
+log = logging.getLogger("trainer")
+
+# "module:function" of every subcommand registrar, in help order. Add new commands here.
+COMMANDS: tuple[str, ...] = (
+    "trainer.cli:add_fit_command",
+    "trainer.tuning:add_tune_command",
+)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments every training command shares: CONFIG, --output, --epochs, --replace, --threads, progress."""
+    parser.add_argument("config", type=Path, help="training config (YAML or JSON)")
+    parser.add_argument(
+        "--output", type=Path, required=True, help="model repository to write <name>/<version>/ into"
+    )
+    parser.add_argument("--epochs", type=int, help="override optim.epochs (e.g. 2 for a smoke run)")
+    parser.add_argument("--replace", action="store_true", help="overwrite the version if it exists")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+
+def load_run_config(args: argparse.Namespace) -> TrainConfig:
+    """Load the config named on the command line, apply `--epochs`, and refuse an existing version early.
+
+    Raises:
+        ConfigError: the config is invalid.
+        ExportError: the version exists and `--replace` was not given (checked before any training).
+    """
+    config = load_config(args.config)
+    if args.epochs is not None:
+        config = config.with_overrides({"optim.epochs": args.epochs})
+    target = args.output / config.name / str(config.version)
+    if target.exists() and not args.replace:
+        raise ExportError(f"{target} already exists; use --replace to overwrite it")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    return config
+
+
+def add_fit_command(subparsers: Any) -> None:
+    """Register `modeltrain fit CONFIG --output DIR`."""
+    parser = subparsers.add_parser(
+        "fit",
+        help="train one config, score the test split, export ONNX + model card",
+        description="Train CONFIG, score its test split once, and export DIR/<name>/<version>/.",
+    )
+    add_common_arguments(parser)
+    parser.set_defaults(handler=run_fit)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """Handler of `modeltrain fit`."""
+    from trainer.fit import export_model, train_and_evaluate
+
+    config = load_run_config(args)
+    result = train_and_evaluate(config, progress=not args.no_progress)
+    version_dir = export_model(result, config, args.output, replace=args.replace)
+    log.info(
+        "best epoch %d of %d, validation %s %.4f",
+        result.best_epoch,
+        result.epochs_run,
+        result.selection_metric,
+        result.validation_metrics[result.selection_metric],
+    )
+    sys.stdout.write(f"{version_dir}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `modeltrain` parser with every available subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="modeltrain", description="Train, tune and export modelserve models."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for entry in COMMANDS:
+        module_name, function_name = entry.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue  # a command whose module is not written yet
+        getattr(module, function_name)(subparsers)
+    return parser
+
+
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    """Plain stdlib logging on stderr."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    # Libraries stay at WARNING; only our own loggers follow -v / -q.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("trainer").setLevel(level)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `modeltrain`; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.handler(args))
+    except TrainerError as err:
+        sys.stderr.write(f"modeltrain: error: {_one_line(str(err))}\n")
+        return EXIT_USAGE
+    except OSError as err:
+        sys.stderr.write(f"modeltrain: error: {_one_line(str(err))}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("modeltrain: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

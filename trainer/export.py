@@ -1,0 +1,366 @@
+"""ONNX export, the onnxruntime parity check, the model card and the atomic move into the repository."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from app.model_card import (
+    CARD_FILENAME,
+    ONNX_FILENAME,
+    DatasetInfo,
+    Metrics,
+    ModelCard,
+    OnnxInfo,
+    PreprocessingStep,
+    SplitInfo,
+    TensorSpec,
+    sha256_of,
+)
+from trainer.config import TrainConfig
+from trainer.errors import ExportError
+from trainer.fit import TrainResult, score_split
+from trainer.metrics import confusion
+from trainer.models import INPUT_NAMES, Pipeline, graph_module
+from trainer.report import plot_confusion, plot_curves, plot_predictions
+
+log = logging.getLogger(__name__)
+
+# Parity: |onnxruntime - torch| <= PARITY_ATOL + PARITY_RTOL * |torch| for every float output element.
+PARITY_ATOL = 1e-4
+PARITY_RTOL = 1e-4
+PARITY_BATCH_SIZES = (1, 7, 512)
+EXAMPLE_ROWS = 3
+HISTORY_FILENAME = "history.json"
+CURVES_FILENAME = "curves.png"
+CONFUSION_FILENAME = "confusion_matrix.png"
+PREDICTIONS_FILENAME = "predictions.png"
+RESERVED_FILENAMES = frozenset(
+    {
+        ONNX_FILENAME,
+        CARD_FILENAME,
+        HISTORY_FILENAME,
+        CURVES_FILENAME,
+        CONFUSION_FILENAME,
+        PREDICTIONS_FILENAME,
+    }
+)
+LIBRARIES = ("torch", "onnx", "onnxscript", "onnxruntime", "numpy", "scikit-learn")
+
+TENSOR_DESCRIPTIONS = {
+    "features": "raw feature values, one row per example",
+    "image": "raw pixel values [channels, height, width]",
+    "sequence": "raw samples [steps, channels], right-padded with zeros",
+    "mask": "true on real steps, false on padding",
+    "probabilities": "class probabilities, rows sum to 1",
+    "label_index": "index of the most probable class into labels",
+    "value": "predicted target value",
+}
+
+
+def parity_feeds(split: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Graph inputs for `rows` of a split (sequences trimmed to the longest among them)."""
+    x = split.x[rows]
+    mask = split.mask()
+    if mask is None:
+        name = "image" if x.ndim == 4 else "features"
+        return {name: np.ascontiguousarray(x, dtype=np.float32)}
+    mask = mask[rows]
+    steps = max(1, int(mask.sum(axis=1).max()))
+    return {"sequence": np.ascontiguousarray(x[:, :steps], dtype=np.float32), "mask": mask[:, :steps].copy()}
+
+
+def export_onnx(
+    model: Pipeline, example: dict[str, np.ndarray], path: Path, metadata_map: dict[str, str]
+) -> None:
+    """Export `model` as one self-contained ONNX file with dynamic batch (and sequence) axes."""
+    graph = graph_module(model)
+    names = INPUT_NAMES[model.modality]
+    batch = torch.export.Dim("batch")
+    if model.modality == "sequence":
+        steps = torch.export.Dim("steps")
+        dynamic: dict[str, Any] = {"sequence": {0: batch, 1: steps}, "mask": {0: batch, 1: steps}}
+    else:
+        dynamic = {names[0]: {0: batch}}
+    args = tuple(torch.from_numpy(example[name]) for name in names)
+    with warnings.catch_warnings(), _quiet_exporter_logs():
+        # torch 2.13's exporter trips its own pytree deprecation; nothing we can act on.
+        warnings.filterwarnings(
+            "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
+        )
+        torch.onnx.export(
+            graph,
+            args,
+            str(path),
+            dynamo=True,
+            input_names=list(names),
+            output_names=list(model.output_names()),
+            dynamic_shapes=dynamic,
+            external_data=False,
+            verbose=False,
+        )
+    proto = onnx.load(str(path))
+    for key, value in metadata_map.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """Silence the exporter's INFO chatter (optimizer passes) and its torchvision notice for one export."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+@torch.no_grad()
+def check_parity(model: Pipeline, path: Path, split: Any) -> float:
+    """Run batches of 1, 7 and 512 test rows through onnxruntime and torch; return the largest difference.
+
+    Raises:
+        ExportError: a float output differs by more than the tolerance, or a label index differs
+            where torch's top two probabilities are not tied.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    model.eval()
+    for size in PARITY_BATCH_SIZES:
+        rows = np.arange(size) % len(split)
+        feeds = parity_feeds(split, rows)
+        expected = [t.numpy() for t in model.outputs(*(torch.from_numpy(v) for v in feeds.values()))]
+        actual = session.run(list(model.output_names()), feeds)
+        for name, want, got in zip(model.output_names(), expected, actual, strict=True):
+            if got.shape != want.shape:
+                raise ExportError(
+                    f"parity check: output '{name}' has shape {got.shape}, torch gives {want.shape}"
+                )
+            if name == "label_index":
+                _check_labels(want, got, expected[0], size)
+                continue
+            diff = np.abs(got.astype(np.float64) - want)
+            worst = max(worst, float(diff.max()))
+            if np.any(diff > PARITY_ATOL + PARITY_RTOL * np.abs(want)):
+                raise ExportError(
+                    f"parity check failed: output '{name}' differs from torch by {float(diff.max()):.3g} "
+                    f"on a batch of {size} (tolerance {PARITY_ATOL:g} + {PARITY_RTOL:g}·|value|)"
+                )
+    return worst
+
+
+def _check_labels(want: np.ndarray, got: np.ndarray, probabilities: np.ndarray, size: int) -> None:
+    top_two = np.sort(probabilities, axis=1)[:, -2:] if probabilities.shape[1] > 1 else None
+    tied = np.zeros(len(want), bool) if top_two is None else (top_two[:, 1] - top_two[:, 0]) <= PARITY_ATOL
+    if np.any((want != got) & ~tied):
+        raise ExportError(f"parity check failed: 'label_index' differs from torch on a batch of {size}")
+
+
+def _tensor_specs(values: Any) -> list[TensorSpec]:
+    specs = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+        shape = [dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor_type.shape.dim]
+        specs.append(
+            TensorSpec(
+                name=value.name, dtype=dtype, shape=shape, description=TENSOR_DESCRIPTIONS.get(value.name, "")
+            )
+        )
+    return specs
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that trained and exported the model."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_card(
+    result: TrainResult,
+    config: TrainConfig,
+    onnx_path: Path,
+    parity: float,
+    test_metrics: dict[str, float],
+    training_info: dict[str, Any] | None,
+) -> ModelCard:
+    """The model card for an exported graph (inputs/outputs read back from the graph itself)."""
+    proto = onnx.load(str(onnx_path))
+    dataset, splits = result.dataset, result.splits
+    arch_params = {"mlp": config.model.mlp, "cnn": config.model.cnn, "gru": config.model.rnn}
+    arch_params |= {"lstm": config.model.rnn, "transformer": config.model.transformer}
+    hyperparameters = {
+        "architecture": result.architecture,
+        result.architecture: arch_params[result.architecture].model_dump(mode="json"),
+        "optim": config.optim.model_dump(mode="json"),
+        "preprocessing": config.preprocessing.model_dump(mode="json"),
+        "seed": config.seed,
+    }
+    training = {
+        "epochs_run": result.epochs_run,
+        "max_epochs": config.optim.epochs,
+        "best_epoch": result.best_epoch,
+        "selection_metric": result.selection_metric,
+        "train_seconds": round(result.train_seconds, 2),
+        "device": "cpu",
+        "world_size": 1,
+        "config": config.model_dump(mode="json"),
+        **(training_info or {}),
+    }
+    return ModelCard(
+        name=config.name,
+        version=config.version,
+        task=config.task,
+        modality=dataset.modality,
+        architecture=result.architecture,
+        description=config.description,
+        inputs=_tensor_specs(proto.graph.input),
+        outputs=_tensor_specs(proto.graph.output),
+        labels=dataset.labels if config.task == "classification" else None,
+        preprocessing=[PreprocessingStep(kind=s["kind"], params=s["params"]) for s in result.preprocessing]
+        + (
+            [PreprocessingStep(kind="pad_mask", params={"padding": "right", "mask_input": "mask"})]
+            if dataset.modality == "sequence"
+            else []
+        ),
+        dataset=DatasetInfo(
+            name=dataset.name,
+            source=dataset.source,
+            n_samples=len(dataset),
+            n_features=dataset.n_features,
+            split=SplitInfo(
+                seed=splits.seed,
+                stratified=splits.stratified,
+                train=len(splits.train),
+                validation=len(splits.validation),
+                test=len(splits.test),
+            ),
+        ),
+        hyperparameters=hyperparameters,
+        training=training,
+        metrics=Metrics(validation=_rounded(result.validation_metrics), test=_rounded(test_metrics)),
+        onnx=OnnxInfo(
+            sha256=sha256_of(onnx_path),
+            size_bytes=onnx_path.stat().st_size,
+            opset=_opset(proto),
+            parity_max_abs_diff=parity,
+        ),
+        library_versions=library_versions(),
+        created_at=datetime.now(UTC),
+    )
+
+
+def _rounded(scores: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 6) for name, value in scores.items()}
+
+
+def _check_extra_files(extra_files: dict[str, bytes]) -> None:
+    for name in extra_files:
+        if name in RESERVED_FILENAMES or Path(name).name != name or name.startswith(".") or not name:
+            raise ExportError(f"extra file name {name!r} is not allowed (a plain, non-reserved file name)")
+
+
+def _move_into_place(staging: Path, target: Path, replace: bool) -> None:
+    """Rename the finished staging folder to the version folder (atomic on one filesystem)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    retired = None
+    if target.exists():
+        if not replace:
+            raise ExportError(f"{target} already exists; use --replace to overwrite it")
+        retired = target.parent / f".retired-{target.name}-{uuid.uuid4().hex[:8]}"
+        target.rename(retired)
+    staging.rename(target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
+        folder.rmdir()
+
+
+def export_to_repository(
+    result: TrainResult,
+    config: TrainConfig,
+    output_dir: Path,
+    *,
+    extra_files: dict[str, bytes] | None = None,
+    training_info: dict[str, Any] | None = None,
+    replace: bool = False,
+) -> Path:
+    """See `trainer.fit.export_model`."""
+    extra_files = extra_files or {}
+    _check_extra_files(extra_files)
+    target = output_dir / config.name / str(config.version)
+    if target.exists() and not replace:
+        raise ExportError(f"{target} already exists; use --replace to overwrite it")
+    model, splits = result.model, result.splits
+    n_classes = len(result.dataset.labels or ())
+    test_metrics, test_predictions = score_split(model, splits.test, n_classes)
+    log.info("test metrics: %s", ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+
+    created_output_dir = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{config.name}-", dir=output_dir))
+    try:
+        os.chmod(staging, 0o755)  # noqa: S103 - mkdtemp makes it private; the server may run as another user
+        onnx_path = staging / ONNX_FILENAME
+        labels_meta = {"labels": json.dumps(result.dataset.labels)} if result.dataset.labels else {}
+        example = parity_feeds(splits.train, np.arange(min(EXAMPLE_ROWS, len(splits.train))))
+        export_onnx(
+            model, example, onnx_path, {"name": config.name, "version": str(config.version), **labels_meta}
+        )
+        parity = check_parity(model, onnx_path, splits.test)
+        log.info("exported %s (parity max |diff| %.2g)", onnx_path.name, parity)
+        card = build_card(result, config, onnx_path, parity, test_metrics, training_info)
+        card.write(staging / CARD_FILENAME)
+        (staging / HISTORY_FILENAME).write_text(json.dumps(result.history, indent=1) + "\n", encoding="utf-8")
+        plot_curves(result.history, result.selection_metric, result.best_epoch, staging / CURVES_FILENAME)
+        if config.task == "classification":
+            matrix = confusion(splits.test.y, test_predictions, n_classes)
+            plot_confusion(matrix, result.dataset.labels or [], staging / CONFUSION_FILENAME)
+        else:
+            plot_predictions(splits.test.y, test_predictions, staging / PREDICTIONS_FILENAME)
+        for name, content in extra_files.items():
+            (staging / name).write_bytes(content)
+        _move_into_place(staging, target, replace)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_output_dir:
+            _remove_if_empty(output_dir)
+        raise
+    log.info("wrote %s", target)
+    return target

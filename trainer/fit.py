@@ -1,0 +1,362 @@
+"""Train one config and export it: the two calls `modeltrain fit` and `modeltrain tune` are built on.
+
+`train_and_evaluate` trains on the training split and scores the validation split after every epoch;
+it never touches the test split. `export_model` scores the test split once, exports the graph and
+writes the model card into the repository.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from trainer.config import TrainConfig, metric_direction
+from trainer.data import Dataset, Split, Splits, load_dataset, split_dataset
+from trainer.errors import TrainerError
+from trainer.metrics import classification_scores, regression_scores
+from trainer.models import Pipeline, build_network, resolve_architecture
+from trainer.preprocessing import augment_images, fit_preprocessing
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 1024
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(TrainerError):
+    """The training loss became NaN or infinite (usually a learning rate that is too high)."""
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced.
+
+    Attributes:
+        model: the best-epoch `Pipeline` (preprocessing folded in), in eval mode.
+        history: one dict per epoch: `epoch`, `train_loss`, `lr`, `seconds` and `val_<metric>` for each
+            validation metric.
+        best_epoch: the epoch (1-based) whose weights `model` holds.
+        epochs_run: epochs trained before the end or early stopping.
+        validation_metrics: validation scores of the best epoch (accuracy, precision_macro,
+            recall_macro, f1_macro, loss; or mse, rmse, mae, r2, loss).
+        selection_metric: name of the metric that picked the best epoch.
+        selection_value: that metric at the best epoch, signed so that HIGHER IS ALWAYS BETTER
+            (loss, mse, rmse and mae are negated); the raw value is `validation_metrics[selection_metric]`.
+        selection_direction: `maximize` or `minimize` for the raw metric.
+        dataset: the loaded data (labels, source, sizes).
+        splits: the train/validation/test parts export uses.
+        architecture: the network built (mlp, cnn, gru, lstm, transformer).
+        preprocessing: one `{"kind", "params"}` per step folded into the model.
+        train_seconds: wall time of the training loop.
+    """
+
+    model: Pipeline
+    history: list[dict[str, float]]
+    best_epoch: int
+    epochs_run: int
+    validation_metrics: dict[str, float]
+    selection_metric: str
+    selection_value: float
+    selection_direction: str
+    dataset: Dataset
+    splits: Splits
+    architecture: str
+    preprocessing: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Tensors:
+    """One split as torch tensors; `y` is the loss target (standardized for regression)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def rows(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Rows `index`, with sequences trimmed to the longest real length among them."""
+        x, y = self.x[index], self.y[index]
+        if self.mask is None:
+            return x, y, None
+        mask = self.mask[index]
+        steps = max(1, int(mask.sum(dim=1).max()))
+        return x[:, :steps], y, mask[:, :steps]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch and make torch pick deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)  # third-party code may use the global generator
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+
+
+def prepare_data(config: TrainConfig) -> tuple[Dataset, Splits]:
+    """Load and split the data a config names (seeded by `config.seed`)."""
+    dataset = load_dataset(config.data, seed=config.seed)
+    return dataset, split_dataset(dataset, config.data.split, seed=config.seed)
+
+
+def _to_tensors(split: Split, target_mean: float, target_std: float, regression: bool) -> _Tensors:
+    mask = split.mask()
+    if regression:
+        y = torch.from_numpy((split.y.astype(np.float32) - target_mean) / target_std).unsqueeze(1)
+    else:
+        y = torch.from_numpy(split.y)
+    return _Tensors(torch.from_numpy(split.x), y, None if mask is None else torch.from_numpy(mask))
+
+
+@torch.no_grad()
+def predict_raw(model: Pipeline, data: _Tensors) -> torch.Tensor:
+    """Network outputs (logits, or standardized values) for every row, in eval mode."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(data), EVAL_BATCH_SIZE):
+        x, _, mask = data.rows(slice(start, start + EVAL_BATCH_SIZE))
+        chunks.append(model(x, mask))
+    return torch.cat(chunks)
+
+
+def score_split(model: Pipeline, split: Split, n_classes: int) -> tuple[dict[str, float], np.ndarray]:
+    """Scores of `model` on one split, plus its predictions (class indices or values in target units)."""
+    regression = model.task == "regression"
+    mean, std = float(model.target_mean), float(model.target_std)
+    data = _to_tensors(split, mean, std, regression)
+    raw = predict_raw(model, data)
+    if not torch.isfinite(raw).all():
+        raise TrainingDiverged("the model produced NaN or infinite outputs; lower optim.lr")
+    if regression:
+        loss = float(nn.functional.mse_loss(raw, data.y))
+        predictions = (raw[:, 0] * std + mean).numpy()
+        scores = regression_scores(split.y, predictions)
+    else:
+        loss = float(nn.functional.cross_entropy(raw, data.y))
+        predictions = raw.argmax(dim=1).numpy()
+        scores = classification_scores(split.y, predictions, n_classes)
+    return {**scores, "loss": loss}, predictions
+
+
+def _optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    optim = config.optim
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    optimizer_class = torch.optim.Adam if optim.optimizer == "adam" else torch.optim.AdamW
+    return optimizer_class(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def _scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    optim = config.optim
+    if optim.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optim.epochs)
+    if optim.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.step_size, gamma=optim.gamma)
+    return None
+
+
+def _train_epoch(
+    model: Pipeline,
+    data: _Tensors,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    generator: torch.Generator,
+    augment: bool,
+) -> float:
+    """One pass over the shuffled training split; returns the mean training loss."""
+    model.train()
+    loss_fn = nn.functional.cross_entropy if model.task == "classification" else nn.functional.mse_loss
+    order = torch.randperm(len(data), generator=generator)
+    total = 0.0
+    for start in range(0, len(data), config.optim.batch_size):
+        x, y, mask = data.rows(order[start : start + config.optim.batch_size])
+        if augment:
+            x = augment_images(x, config.preprocessing.augmentation, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x, mask), y)
+        loss.backward()
+        if config.optim.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
+        optimizer.step()
+        total += loss.item() * x.shape[0]
+    return total / len(data)
+
+
+def build_pipeline(
+    config: TrainConfig, dataset: Dataset, train: Split
+) -> tuple[Pipeline, str, list[dict[str, Any]]]:
+    """Fit preprocessing on the training split and put a freshly initialised network behind it."""
+    architecture = resolve_architecture(config.model.architecture, dataset.modality)
+    preprocess, steps = fit_preprocessing(config.preprocessing, dataset.modality, train.x, train.mask())
+    with torch.no_grad():
+        sample = preprocess(torch.from_numpy(train.x[:1]))
+    n_out = len(dataset.labels or ()) if config.task == "classification" else 1
+    network = build_network(architecture, config.model, tuple(sample.shape[1:]), n_out)
+    target_mean, target_std = 0.0, 1.0
+    if config.task == "regression":
+        target_mean = float(train.y.mean())
+        target_std = float(train.y.std()) or 1.0
+        steps.append({"kind": "target_scale", "params": {"mean": target_mean, "std": target_std}})
+    pipeline = Pipeline(
+        preprocess,
+        network,
+        task=config.task,
+        modality=dataset.modality,
+        target_mean=target_mean,
+        target_std=target_std,
+    )
+    return pipeline, architecture, steps
+
+
+def train_and_evaluate(
+    config: TrainConfig, *, epoch_callback: EpochCallback | None = None, progress: bool = True
+) -> TrainResult:
+    """Train on the training split, scoring the validation split after every epoch.
+
+    Keeps the weights of the best epoch by `config.selection_metric` and stops early after
+    `optim.early_stopping_patience` epochs without improvement. The test split is never used.
+
+    Args:
+        config: the run to train.
+        epoch_callback: called as `epoch_callback(epoch, validation_metrics)` after each epoch (1-based);
+            it may raise (e.g. `optuna.TrialPruned`) to abandon the run, and the exception propagates.
+        progress: show a progress bar over epochs when stderr is a terminal.
+
+    Raises:
+        DataError: the data cannot be loaded or split.
+        ConfigError: the architecture does not fit the data.
+        TrainingDiverged: the loss became NaN or infinite.
+    """
+    seed_everything(config.seed)
+    dataset, splits = prepare_data(config)
+    model, architecture, steps = build_pipeline(config, dataset, splits.train)
+    regression = config.task == "regression"
+    train = _to_tensors(splits.train, float(model.target_mean), float(model.target_std), regression)
+    n_classes = len(dataset.labels or ())
+    optimizer = _optimizer(config, model.parameters())
+    scheduler = _scheduler(config, optimizer)
+    generator = torch.Generator().manual_seed(config.seed)
+    augment = dataset.modality == "image" and config.preprocessing.augmentation.enabled
+    metric = config.selection_metric
+    sign = 1.0 if metric_direction(metric) == "maximize" else -1.0
+    patience = config.optim.early_stopping_patience
+
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
+    started = time.perf_counter()
+    bar = tqdm(
+        range(1, config.optim.epochs + 1),
+        desc=config.name,
+        unit="epoch",
+        disable=not (progress and sys.stderr.isatty()),
+        leave=False,
+    )
+    log.info(
+        "training %s: %s on %s (%d train / %d validation rows)",
+        config.name,
+        architecture,
+        dataset.source,
+        len(splits.train),
+        len(splits.validation),
+    )
+    for epoch in bar:
+        epoch_started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = _train_epoch(model, train, optimizer, config, generator, augment)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch}; lower optim.lr")
+        if scheduler is not None:
+            scheduler.step()
+        val_metrics, _ = score_split(model, splits.validation, n_classes)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                **{f"val_{name}": value for name, value in val_metrics.items()},
+                "lr": lr,
+                "seconds": time.perf_counter() - epoch_started,
+            }
+        )
+        value = sign * val_metrics[metric]
+        if best is None or value > best[0]:
+            best = (value, epoch, copy.deepcopy(model.state_dict()), val_metrics)
+        bar.set_postfix(loss=f"{train_loss:.4f}", **{metric: f"{val_metrics[metric]:.4f}"})
+        log.info("epoch %d: train_loss %.4f val_%s %.4f", epoch, train_loss, metric, val_metrics[metric])
+        if epoch_callback is not None:
+            epoch_callback(epoch, dict(val_metrics))
+        if patience is not None and epoch - best[1] >= patience:
+            log.info("early stop after epoch %d: no better val_%s since epoch %d", epoch, metric, best[1])
+            break
+    bar.close()
+    assert best is not None  # epochs >= 1
+    model.load_state_dict(best[2])
+    model.eval()
+    return TrainResult(
+        model=model,
+        history=history,
+        best_epoch=best[1],
+        epochs_run=len(history),
+        validation_metrics=best[3],
+        selection_metric=metric,
+        selection_value=best[0],
+        selection_direction=metric_direction(metric),
+        dataset=dataset,
+        splits=splits,
+        architecture=architecture,
+        preprocessing=steps,
+        train_seconds=time.perf_counter() - started,
+    )
+
+
+def export_model(
+    result: TrainResult,
+    config: TrainConfig,
+    output_dir: Path,
+    *,
+    extra_files: dict[str, bytes] | None = None,
+    training_info: dict[str, Any] | None = None,
+    replace: bool = False,
+) -> Path:
+    """Score the test split once, export ONNX + card + report into `output_dir/<name>/<version>/`.
+
+    Everything is written to a staging folder inside `output_dir` and moved into place only when
+    complete, so a failure leaves no half-written version behind.
+
+    Args:
+        result: the trained run.
+        config: the config it was trained from (recorded in the card).
+        output_dir: the model repository.
+        extra_files: more files to put beside the model (e.g. `{"trials.csv": ...}`); plain names only.
+        training_info: merged into the card's `training` section (e.g. a tuning summary).
+        replace: overwrite an existing version instead of refusing.
+
+    Returns:
+        The version directory.
+
+    Raises:
+        ExportError: the version exists (without `replace`), a file name is not allowed, or the
+            onnxruntime/torch parity check fails.
+    """
+    # Imported here so that tuning trials, which never export, do not pay for onnx and matplotlib.
+    from trainer.export import export_to_repository
+
+    return export_to_repository(
+        result, config, output_dir, extra_files=extra_files, training_info=training_info, replace=replace
+    )

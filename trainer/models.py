@@ -1,0 +1,285 @@
+"""Networks, the `Pipeline` that puts preprocessing in front of them, and the export wrappers.
+
+A `Pipeline` maps raw inputs to logits (classification) or a standardized value (regression) for
+training. `Pipeline.outputs` adds the inference head the graph exposes: `probabilities` and
+`label_index` for classifiers, `value` in target units for regressors. The `*Graph` wrappers only fix
+the `forward` argument names, which become the ONNX input names (`features`, `image`, `sequence`+`mask`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trainer.config import (
+    ALLOWED_ARCHITECTURES,
+    DEFAULT_ARCHITECTURE,
+    Architecture,
+    Modality,
+    ModelConfig,
+    Task,
+)
+from trainer.errors import ConfigError
+
+INPUT_NAMES: dict[Modality, tuple[str, ...]] = {
+    "tabular": ("features",),
+    "image": ("image",),
+    "sequence": ("sequence", "mask"),
+}
+
+
+def resolve_architecture(requested: str, modality: Modality) -> Architecture:
+    """The architecture to build: the config's choice, or the default for the data when `auto`.
+
+    Raises:
+        ConfigError: the architecture does not fit the kind of data (e.g. a CNN on tabular rows).
+    """
+    if requested == "auto":
+        return DEFAULT_ARCHITECTURE[modality]
+    allowed = ALLOWED_ARCHITECTURES[modality]
+    if requested not in allowed:
+        raise ConfigError(
+            f"model.architecture '{requested}' does not fit {modality} data; use one of {allowed}"
+        )
+    return requested  # type: ignore[return-value]
+
+
+class MLP(nn.Module):
+    """Fully connected layers with ReLU and dropout; flattens any input to [N, features]."""
+
+    def __init__(self, in_features: int, hidden_sizes: list[int], out_features: int, dropout: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, out_features))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class CNN(nn.Module):
+    """Blocks of two 3×3 convs + ReLU + 2×2 max-pool (none once the map is 1 pixel), then an MLP head."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        channels: list[int],
+        hidden_size: int,
+        out_features: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        depth, height, width = in_shape
+        for out_channels in channels:
+            blocks += [
+                nn.Conv2d(depth, out_channels, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(out_channels, out_channels, 3, padding=1),
+                nn.ReLU(),
+            ]
+            if min(height, width) >= 2:
+                blocks.append(nn.MaxPool2d(2))
+                height, width = height // 2, width // 2
+            depth = out_channels
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(depth * height * width, hidden_size),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_size, out_features),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def last_real_step(outputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """outputs [N, T, H] at each row's last true mask position → [N, H] (right padding assumed)."""
+    last = (mask.to(torch.int64).sum(dim=1) - 1).clamp(min=0)
+    index = last.view(-1, 1, 1).expand(-1, 1, outputs.shape[2])
+    return outputs.gather(1, index).squeeze(1)
+
+
+class RecurrentNet(nn.Module):
+    """GRU or LSTM over right-padded sequences; the state at the last real step feeds a linear head.
+
+    Steps after a row's end are computed but never read, so padding does not change the result.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        in_channels: int,
+        hidden_size: int,
+        num_layers: int,
+        out_features: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        rnn_class = nn.GRU if kind == "gru" else nn.LSTM
+        self.rnn = rnn_class(
+            in_channels, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, out_features))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        outputs, _ = self.rnn(x)
+        return self.head(last_real_step(outputs, mask))
+
+
+def sinusoidal_positions(length: int, d_model: int, like: torch.Tensor) -> torch.Tensor:
+    """[length, d_model] sine/cosine position codes, computed for any length (no fixed maximum)."""
+    position = torch.arange(length, dtype=like.dtype, device=like.device).unsqueeze(1)
+    half = torch.arange(0, d_model, 2, dtype=like.dtype, device=like.device)
+    angle = position * torch.exp(half * (-math.log(10000.0) / d_model))
+    codes = torch.stack([torch.sin(angle), torch.cos(angle)], dim=2)
+    return codes.flatten(1)[:, :d_model]
+
+
+class TransformerNet(nn.Module):
+    """Transformer encoder over right-padded sequences with a key-padding mask and masked mean pooling."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        d_model: int,
+        nhead: int,
+        num_layers: int,
+        dim_feedforward: int,
+        out_features: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.embed = nn.Linear(in_channels, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward, dropout, batch_first=True, norm_first=True
+        )
+        # Nested tensors are a prototype fast path that neither exports nor keeps padded == unpadded.
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_model, out_features))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(x) + sinusoidal_positions(x.shape[1], self.d_model, x)
+        hidden = self.encoder(hidden, src_key_padding_mask=~mask)
+        weights = mask.to(hidden.dtype).unsqueeze(2)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return self.head(self.norm(pooled))
+
+
+def build_network(
+    architecture: Architecture, config: ModelConfig, in_shape: tuple[int, ...], out_features: int
+) -> nn.Module:
+    """The network for preprocessed inputs of `in_shape` (one row, no batch axis)."""
+    if architecture == "mlp":
+        return MLP(math.prod(in_shape), config.mlp.hidden_sizes, out_features, config.mlp.dropout)
+    if architecture == "cnn":
+        depth, height, width = in_shape
+        return CNN(
+            (depth, height, width),
+            config.cnn.channels,
+            config.cnn.hidden_size,
+            out_features,
+            config.cnn.dropout,
+        )
+    if architecture in ("gru", "lstm"):
+        rnn = config.rnn
+        return RecurrentNet(
+            architecture, in_shape[-1], rnn.hidden_size, rnn.num_layers, out_features, rnn.dropout
+        )
+    t = config.transformer
+    return TransformerNet(
+        in_shape[-1], t.d_model, t.nhead, t.num_layers, t.dim_feedforward, out_features, t.dropout
+    )
+
+
+class Pipeline(nn.Module):
+    """Preprocessing (fitted, in the graph) + network; regression targets are learnt standardized.
+
+    `forward` gives what the loss needs (logits, or the standardized value [N, 1]); `outputs` gives
+    what the exported graph returns.
+    """
+
+    def __init__(
+        self,
+        preprocess: nn.Module,
+        network: nn.Module,
+        *,
+        task: Task,
+        modality: Modality,
+        target_mean: float = 0.0,
+        target_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.network = network
+        self.task = task
+        self.modality = modality
+        self.register_buffer("target_mean", torch.tensor(float(target_mean)))
+        self.register_buffer("target_std", torch.tensor(float(target_std)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.preprocess(x)
+        if mask is not None:
+            return self.network(x, mask)
+        return self.network(x)
+
+    def outputs(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The graph outputs: (probabilities, label_index) or (value,) in target units."""
+        raw = self(x, mask)
+        if self.task == "classification":
+            return torch.softmax(raw, dim=1), torch.argmax(raw, dim=1)
+        return (raw[:, 0] * self.target_std + self.target_mean,)
+
+    def output_names(self) -> tuple[str, ...]:
+        """Names of `outputs`, in order (fixed by docs/CONTRACTS.md)."""
+        return ("probabilities", "label_index") if self.task == "classification" else ("value",)
+
+
+class TabularGraph(nn.Module):
+    """Export wrapper: input `features` [N, F]."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.pipeline.outputs(features)
+
+
+class ImageGraph(nn.Module):
+    """Export wrapper: input `image` [N, C, H, W] raw pixels."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.pipeline.outputs(image)
+
+
+class SequenceGraph(nn.Module):
+    """Export wrapper: inputs `sequence` [N, T, K] right-padded and `mask` [N, T] bool."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    def forward(self, sequence: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.pipeline.outputs(sequence, mask)
+
+
+def graph_module(pipeline: Pipeline) -> nn.Module:
+    """The wrapper whose `forward` argument names are the contract's input names for this modality."""
+    wrapper = {"tabular": TabularGraph, "image": ImageGraph, "sequence": SequenceGraph}[pipeline.modality]
+    return wrapper(pipeline).eval()

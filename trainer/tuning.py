@@ -1,0 +1,505 @@
+"""Hyperparameter search: `modeltrain tune CONFIG --strategy grid|random|bayes --trials N --output DIR`.
+
+The config's `search:` section declares the space (dotted config paths → float / int / categorical
+ranges), the validation metric and its direction. Each trial applies its parameters to the config with
+`TrainConfig.with_overrides`, trains with `train_and_evaluate` (which never sees the test split) and is
+scored on the validation split only. A median pruner stops trials whose per-epoch validation score falls
+behind the median of earlier trials at the same epoch. The best configuration is then trained again from
+scratch with the same seed and exported with `export_model`; the trials table rides along as
+`trials.csv` and the card's `training.tuning` section records the search.
+
+One seed (the config's, or `--seed`) drives the sampler and every training run, so the same command gives
+the same trials and the same exported model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from trainer.config import (
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    SearchConfig,
+    TrainConfig,
+    metric_direction,
+)
+from trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["grid", "random", "bayes"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+Param = FloatParam | IntParam | CategoricalParam
+
+TRIALS_FILENAME = "trials.csv"
+# A grid is materialised in memory by optuna's GridSampler; refuse sizes no one would run to the end.
+MAX_GRID_POINTS = 100_000
+# optuna stores categorical choices as these types; anything else (lists such as hidden sizes) is
+# passed to optuna as its JSON text and decoded again, which keeps optuna from warning about storage.
+_PLAIN_CHOICE_TYPES = (type(None), bool, int, float, str)
+
+
+# ------------------------------------------------------------------------------------ the space
+
+
+@dataclass(frozen=True)
+class ResolvedSearch:
+    """A config's search section with the defaults filled in.
+
+    Attributes:
+        space: dotted config path → parameter range, in the config's order.
+        metric: validation metric every trial is scored by.
+        direction: `maximize` or `minimize` for that metric.
+    """
+
+    space: dict[str, Param]
+    metric: str
+    direction: Literal["maximize", "minimize"]
+
+
+def resolve_search(config: TrainConfig) -> ResolvedSearch:
+    """The search section of `config`, defaults applied (metric: the config's selection metric).
+
+    Raises:
+        ConfigError: the config has no `search:` section.
+    """
+    search: SearchConfig | None = config.search
+    if search is None:
+        raise ConfigError(
+            "the config has no 'search:' section; add one with a 'space' of dotted config paths to tune"
+        )
+    metric = search.metric or config.selection_metric
+    direction = search.direction or metric_direction(metric)
+    return ResolvedSearch(space=dict(search.space), metric=metric, direction=direction)
+
+
+def grid_values(space: dict[str, Param]) -> dict[str, list[Any]]:
+    """Every value each parameter takes in a grid search (categorical choices encoded for optuna).
+
+    Raises:
+        ConfigError: a parameter is a continuous float range (no finite grid), or the grid is too large.
+    """
+    grid: dict[str, list[Any]] = {}
+    for path, spec in space.items():
+        if isinstance(spec, CategoricalParam):
+            grid[path] = [_encode_choice(choice) for choice in spec.choices]
+        elif isinstance(spec, IntParam):
+            grid[path] = list(range(spec.low, spec.high + 1, spec.step))
+        else:
+            raise ConfigError(
+                f"search.space '{path}' is a continuous float range [{spec.low:g}, {spec.high:g}], which a "
+                "grid search cannot enumerate; list its grid values as `type: categorical` with `choices`, "
+                "or use --strategy random or bayes"
+            )
+    size = math.prod(len(values) for values in grid.values())
+    if size > MAX_GRID_POINTS:
+        raise ConfigError(f"the search grid has {size:,} points (at most {MAX_GRID_POINTS:,}); coarsen its ranges")
+    return grid
+
+
+def make_sampler(strategy: Strategy, space: dict[str, Param], seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
+    """The optuna sampler for a strategy, seeded.
+
+    Args:
+        strategy: `grid` (every point of a finite space), `random`, or `bayes` (TPE).
+        space: the search space (grid needs it to enumerate the points).
+        seed: sampler seed.
+        n_trials: trial budget; TPE's random start-up phase is sized from it.
+
+    Raises:
+        ConfigError: unknown strategy, or a grid over a space that has no finite grid.
+    """
+    if strategy == "grid":
+        return optuna.samplers.GridSampler(grid_values(space), seed=seed)
+    if strategy == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if strategy == "bayes":
+        # TPE samples at random for its first n_startup_trials (default 10); with a small budget that
+        # would be all of it, so model the results after a third of the trials (at least 2).
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, n_trials // 3)))
+    raise ConfigError(f"unknown search strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
+
+
+def make_pruner(n_trials: int) -> optuna.pruners.BasePruner:
+    """The default pruner: a trial whose validation score at some epoch is worse than the median of the
+    earlier trials at that epoch is abandoned. Decisions wait for a few finished trials (a quarter of the
+    budget, 1 to 5) and skip the first epoch, whose scores say little about where a run ends up.
+    """
+    return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, n_trials // 4)), n_warmup_steps=1)
+
+
+def _encode_choice(choice: Any) -> Any:
+    return choice if isinstance(choice, _PLAIN_CHOICE_TYPES) else json.dumps(choice)
+
+
+def suggest_overrides(trial: optuna.Trial, space: dict[str, Param]) -> dict[str, Any]:
+    """Ask `trial` for one value of every parameter; returns config overrides (dotted path → value)."""
+    overrides: dict[str, Any] = {}
+    for path, spec in space.items():
+        if isinstance(spec, FloatParam):
+            overrides[path] = trial.suggest_float(path, spec.low, spec.high, log=spec.log)
+        elif isinstance(spec, IntParam):
+            overrides[path] = trial.suggest_int(path, spec.low, spec.high, step=spec.step)
+        else:
+            encoded = [_encode_choice(choice) for choice in spec.choices]
+            picked = trial.suggest_categorical(path, encoded)
+            overrides[path] = spec.choices[encoded.index(picked)]
+    return overrides
+
+
+def decode_params(params: dict[str, Any], space: dict[str, Param]) -> dict[str, Any]:
+    """A finished trial's optuna params as config values (JSON-encoded categorical choices decoded)."""
+    decoded: dict[str, Any] = {}
+    for path, value in params.items():
+        spec = space.get(path)
+        if isinstance(spec, CategoricalParam):
+            encoded = [_encode_choice(choice) for choice in spec.choices]
+            value = spec.choices[encoded.index(value)]
+        decoded[path] = value
+    return decoded
+
+
+# ---------------------------------------------------------------------------------------- search
+
+
+@dataclass
+class SearchOutcome:
+    """A finished search.
+
+    Attributes:
+        study: the optuna study (every trial, its params, value, state and intermediate scores).
+        strategy: grid, random or bayes.
+        search: the resolved space, metric and direction.
+        n_trials_requested: the `--trials` budget (a grid stops early once every point ran).
+        seconds: wall time of the search.
+    """
+
+    study: optuna.Study
+    strategy: Strategy
+    search: ResolvedSearch
+    n_trials_requested: int
+    seconds: float
+
+    @property
+    def best_trial(self) -> FrozenTrial:
+        """The completed trial with the best validation score."""
+        return self.study.best_trial
+
+    @property
+    def best_overrides(self) -> dict[str, Any]:
+        """Config overrides of the best trial."""
+        return decode_params(self.best_trial.params, self.search.space)
+
+    def count(self, state: TrialState) -> int:
+        """Number of trials that ended in `state`."""
+        return sum(trial.state == state for trial in self.study.trials)
+
+    def summary(self) -> dict[str, Any]:
+        """The tuning summary recorded in the model card (`training.tuning`)."""
+        best = self.best_trial
+        return {
+            "strategy": self.strategy,
+            "sampler": type(self.study.sampler).__name__,
+            "pruner": type(self.study.pruner).__name__,
+            "trials": len(self.study.trials),
+            "trials_requested": self.n_trials_requested,
+            "n_complete": self.count(TrialState.COMPLETE),
+            "n_pruned": self.count(TrialState.PRUNED),
+            "n_failed": self.count(TrialState.FAIL),
+            "metric": self.search.metric,
+            "direction": self.search.direction,
+            "split": "validation",
+            "best_trial": best.number,
+            "best_params": self.best_overrides,
+            "best_value": best.value,
+            "search_seconds": round(self.seconds, 2),
+        }
+
+    def trials_csv(self) -> bytes:
+        """The trials table: one row per trial with its state, validation score, duration and params."""
+        return trials_table(self.study.trials, self.search.space, best=self.best_trial.number)
+
+
+def trials_table(trials: Sequence[FrozenTrial], space: dict[str, Param], *, best: int | None = None) -> bytes:
+    """CSV of trials: `number, state, value, duration_seconds, last_epoch, best, error`, then one column
+    per searched parameter (its dotted path; lists as JSON). `value` is the validation score a completed
+    trial ended with, or the last epoch's score of a pruned one; `last_epoch` the last epoch it reported.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["number", "state", "value", "duration_seconds", "last_epoch", "best", "error", *space])
+    for trial in trials:
+        params = decode_params(trial.params, space)
+        writer.writerow(
+            [
+                trial.number,
+                trial.state.name,
+                "" if trial.value is None else repr(trial.value),
+                "" if trial.duration is None else f"{trial.duration.total_seconds():.3f}",
+                trial.last_step if trial.last_step is not None else "",
+                "true" if trial.number == best else "false",
+                trial.user_attrs.get("error", ""),
+                *(_csv_cell(params[path]) if path in params else "" for path in space),
+            ]
+        )
+    return buffer.getvalue().encode("utf-8")
+
+
+def _csv_cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+@contextmanager
+def _optuna_quiet() -> Iterator[None]:
+    """Keep optuna to warnings (pruned/failed trials); we log one line per trial ourselves."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+def make_objective(
+    config: TrainConfig, search: ResolvedSearch, *, progress: bool = False
+) -> Callable[[optuna.Trial], float]:
+    """The objective a study optimises: train `config` with the trial's params, return the validation score.
+
+    The score is the search metric of the epoch `train_and_evaluate` keeps (the model an export would
+    ship). Each epoch's validation score is reported to the trial; when the pruner says so, the trial ends
+    with `optuna.TrialPruned`. A combination the config rejects or a diverging run fails the trial (its
+    reason kept as the `error` user attribute) without ending the search.
+    """
+    # Imported here so that building a parser or checking a space does not load torch.
+    from trainer.fit import TrainingDiverged, train_and_evaluate
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = suggest_overrides(trial, search.space)
+        try:
+            # check_search=False: the space was checked once already; a trial config needs no search.
+            trial_config = config.with_overrides(overrides, check_search=False)
+        except ConfigError as err:
+            trial.set_user_attr("error", str(err))
+            raise
+
+        def report(epoch: int, validation_metrics: dict[str, float]) -> None:
+            trial.report(validation_metrics[search.metric], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation {search.metric} fell behind the median at epoch {epoch}")
+
+        try:
+            result = train_and_evaluate(trial_config, epoch_callback=report, progress=progress)
+        except TrainingDiverged as err:
+            trial.set_user_attr("error", str(err))
+            raise
+        return result.validation_metrics[search.metric]
+
+    return objective
+
+
+def _log_trial(n_trials: int, metric: str) -> Callable[[optuna.Study, FrozenTrial], None]:
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        params = ", ".join(f"{path}={value!r}" for path, value in trial.params.items())
+        if trial.state == TrialState.COMPLETE:
+            outcome = f"validation {metric} {trial.value:.4f} (best {study.best_value:.4f})"
+        elif trial.state == TrialState.PRUNED:
+            outcome = f"pruned after epoch {trial.last_step}"
+        else:
+            outcome = f"failed: {trial.user_attrs.get('error', trial.state.name.lower())}"
+        log.info("trial %d/%d: %s — %s", trial.number + 1, n_trials, params, outcome)
+
+    return callback
+
+
+def check_trials(n_trials: int) -> None:
+    """Refuse a trial budget below 1.
+
+    Raises:
+        ConfigError: `n_trials` < 1.
+    """
+    if n_trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {n_trials}")
+
+
+def run_search(
+    config: TrainConfig,
+    *,
+    strategy: Strategy,
+    n_trials: int,
+    pruner: optuna.pruners.BasePruner | None = None,
+    progress: bool = False,
+) -> SearchOutcome:
+    """Search the config's space on the validation split.
+
+    Args:
+        config: a config with a `search:` section; its seed seeds the sampler and every trial.
+        strategy: grid, random or bayes (TPE).
+        n_trials: trial budget; a grid search stops once every grid point has run.
+        pruner: defaults to `make_pruner(n_trials)`.
+        progress: per-epoch progress bars inside each trial.
+
+    Raises:
+        ConfigError: no search section, a space the strategy cannot sample, `n_trials` < 1, or no trial
+            completed.
+    """
+    check_trials(n_trials)
+    search = resolve_search(config)
+    sampler = make_sampler(strategy, search.space, config.seed, n_trials)
+    if strategy == "grid":
+        grid_size = math.prod(len(values) for values in grid_values(search.space).values())
+        if n_trials < grid_size:
+            log.warning("grid has %d points; --trials %d runs only a seeded random subset", grid_size, n_trials)
+        n_trials = min(n_trials, grid_size)
+    started = time.perf_counter()
+    with _optuna_quiet():
+        study = optuna.create_study(
+            direction=search.direction, sampler=sampler, pruner=pruner or make_pruner(n_trials)
+        )
+        study.optimize(
+            make_objective(config, search, progress=progress),
+            n_trials=n_trials,
+            catch=(ConfigError, _training_diverged()),
+            callbacks=[_log_trial(n_trials, search.metric)],
+        )
+    if not any(trial.state == TrialState.COMPLETE for trial in study.trials):
+        errors = sorted({t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs})
+        raise ConfigError(
+            f"no trial completed ({len(study.trials)} run)" + (f"; first error: {errors[0]}" if errors else "")
+        )
+    return SearchOutcome(
+        study=study,
+        strategy=strategy,
+        search=search,
+        n_trials_requested=n_trials,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _training_diverged() -> type[Exception]:
+    from trainer.fit import TrainingDiverged
+
+    return TrainingDiverged
+
+
+# -------------------------------------------------------------------------------- tune + export
+
+
+@dataclass
+class TuneResult:
+    """What `tune_and_export` produced: the search, the retrained best run and where it was exported."""
+
+    outcome: SearchOutcome
+    config: TrainConfig
+    version_dir: Path
+    retrained_value: float
+
+
+def tune_and_export(
+    config: TrainConfig,
+    output_dir: Path,
+    *,
+    strategy: Strategy,
+    n_trials: int,
+    replace: bool = False,
+    pruner: optuna.pruners.BasePruner | None = None,
+    progress: bool = True,
+) -> TuneResult:
+    """Search, retrain the best configuration from scratch (same seed) and export it.
+
+    Nothing is written to `output_dir` unless the search succeeds; `export_model` writes atomically.
+
+    Args:
+        config: a config with a `search:` section.
+        output_dir: the model repository.
+        strategy: grid, random or bayes.
+        n_trials: trial budget.
+        replace: overwrite an existing version.
+        pruner: defaults to `make_pruner(n_trials)`.
+        progress: progress bar for the final training run.
+
+    Raises:
+        ConfigError: see `run_search`.
+        ExportError: see `trainer.fit.export_model`.
+    """
+    from trainer.fit import export_model, train_and_evaluate
+
+    outcome = run_search(config, strategy=strategy, n_trials=n_trials, pruner=pruner)
+    best_config = config.with_overrides(outcome.best_overrides)
+    result = train_and_evaluate(best_config, progress=progress)
+    metric = outcome.search.metric
+    retrained = result.validation_metrics[metric]
+    best_value = outcome.best_trial.value
+    if best_value is None or not math.isclose(retrained, best_value, rel_tol=1e-6, abs_tol=1e-9):
+        # Training is seeded and deterministic, so this points at nondeterminism worth knowing about.
+        log.warning("retraining the best trial gave validation %s %.6f, the trial had %s", metric, retrained, best_value)
+    summary = outcome.summary() | {"retrained_value": retrained}
+    version_dir = export_model(
+        result,
+        best_config,
+        output_dir,
+        extra_files={TRIALS_FILENAME: outcome.trials_csv()},
+        training_info={"tuning": summary},
+        replace=replace,
+    )
+    log.info(
+        "best of %d trials (%d pruned): %s — validation %s %.4f",
+        summary["trials"], summary["n_pruned"], summary["best_params"], metric, retrained,
+    )
+    return TuneResult(outcome=outcome, config=best_config, version_dir=version_dir, retrained_value=retrained)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def add_tune_command(subparsers: Any) -> None:
+    """Register `modeltrain tune CONFIG --strategy grid|random|bayes --trials N --output DIR`."""
+    from trainer.cli import add_common_arguments
+
+    parser = subparsers.add_parser(
+        "tune",
+        help="search hyperparameters on the validation split, then retrain and export the best",
+        description=(
+            "Search the space in CONFIG's 'search:' section, scoring each trial on the validation split "
+            "(hopeless trials are pruned), then train the best configuration again and export "
+            "DIR/<name>/<version>/ with trials.csv beside the model."
+        ),
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--strategy", choices=STRATEGIES, required=True, help="grid, random, or bayes (TPE)")
+    parser.add_argument("--trials", type=int, required=True, help="number of trials (a grid stops when exhausted)")
+    parser.add_argument("--seed", type=int, help="override the config's seed (seeds the sampler and every run)")
+    parser.set_defaults(handler=run_tune)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """Handler of `modeltrain tune`; everything is checked before the first trial trains."""
+    from trainer.cli import load_run_config
+
+    check_trials(args.trials)
+    config = load_run_config(args)
+    if args.seed is not None:
+        config = config.with_overrides({"seed": args.seed})
+    search = resolve_search(config)
+    make_sampler(args.strategy, search.space, config.seed, args.trials)  # a grid the space cannot give
+    tuned = tune_and_export(
+        config, args.output, strategy=args.strategy, n_trials=args.trials, replace=args.replace,
+        progress=not args.no_progress,
+    )
+    sys.stdout.write(f"{tuned.version_dir}\n")
+    return 0
