@@ -109,11 +109,15 @@ def grid_values(space: dict[str, Param]) -> dict[str, list[Any]]:
             )
     size = math.prod(len(values) for values in grid.values())
     if size > MAX_GRID_POINTS:
-        raise ConfigError(f"the search grid has {size:,} points (at most {MAX_GRID_POINTS:,}); coarsen its ranges")
+        raise ConfigError(
+            f"the search grid has {size:,} points (at most {MAX_GRID_POINTS:,}); coarsen its ranges"
+        )
     return grid
 
 
-def make_sampler(strategy: Strategy, space: dict[str, Param], seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    strategy: Strategy, space: dict[str, Param], seed: int, n_trials: int
+) -> optuna.samplers.BaseSampler:
     """The optuna sampler for a strategy, seeded.
 
     Args:
@@ -141,7 +145,8 @@ def make_pruner(n_trials: int) -> optuna.pruners.BasePruner:
     earlier trials at that epoch is abandoned. Decisions wait for a few finished trials (a quarter of the
     budget, 1 to 5) and skip the first epoch, whose scores say little about where a run ends up.
     """
-    return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, n_trials // 4)), n_warmup_steps=1)
+    # Epochs are reported 1-based and pruning starts once a step reaches n_warmup_steps: 2 skips epoch 1.
+    return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, n_trials // 4)), n_warmup_steps=2)
 
 
 def _encode_choice(choice: Any) -> Any:
@@ -265,15 +270,29 @@ def _csv_cell(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+class _TrialFailed(Exception):
+    """A trial that cannot finish (a combination the config rejects, a diverging run); the search goes on."""
+
+
 @contextmanager
-def _optuna_quiet() -> Iterator[None]:
-    """Keep optuna to warnings (pruned/failed trials); we log one line per trial ourselves."""
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def _quiet_trials() -> Iterator[None]:
+    """Keep the search log to one line per trial.
+
+    optuna logs every trial at INFO and a failed one with a traceback; `_log_trial` says the same in one
+    line, so optuna is held to errors. Each trial's per-epoch lines from `trainer.fit` are held to warnings
+    unless debug logging is on (`modeltrain -v`).
+    """
+    fit_logger = logging.getLogger("trainer.fit")
+    previous_fit_level = fit_logger.level
+    previous_verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if not fit_logger.isEnabledFor(logging.DEBUG):
+        fit_logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        optuna.logging.set_verbosity(previous)
+        optuna.logging.set_verbosity(previous_verbosity)
+        fit_logger.setLevel(previous_fit_level)
 
 
 def make_objective(
@@ -296,32 +315,40 @@ def make_objective(
             trial_config = config.with_overrides(overrides, check_search=False)
         except ConfigError as err:
             trial.set_user_attr("error", str(err))
-            raise
+            raise _TrialFailed(str(err)) from err
 
         def report(epoch: int, validation_metrics: dict[str, float]) -> None:
             trial.report(validation_metrics[search.metric], epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"validation {search.metric} fell behind the median at epoch {epoch}")
+                raise optuna.TrialPruned(
+                    f"validation {search.metric} fell behind the median at epoch {epoch}"
+                )
 
         try:
             result = train_and_evaluate(trial_config, epoch_callback=report, progress=progress)
         except TrainingDiverged as err:
             trial.set_user_attr("error", str(err))
-            raise
+            raise _TrialFailed(str(err)) from err
         return result.validation_metrics[search.metric]
 
     return objective
 
 
-def _log_trial(n_trials: int, metric: str) -> Callable[[optuna.Study, FrozenTrial], None]:
+def _log_trial(n_trials: int, search: ResolvedSearch) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """A study callback that logs one line per finished trial."""
+
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        params = ", ".join(f"{path}={value!r}" for path, value in trial.params.items())
+        params = ", ".join(
+            f"{path}={value!r}" for path, value in decode_params(trial.params, search.space).items()
+        )
         if trial.state == TrialState.COMPLETE:
-            outcome = f"validation {metric} {trial.value:.4f} (best {study.best_value:.4f})"
+            outcome = f"validation {search.metric} {trial.value:.4f} (best {study.best_value:.4f})"
         elif trial.state == TrialState.PRUNED:
             outcome = f"pruned after epoch {trial.last_step}"
         else:
-            outcome = f"failed: {trial.user_attrs.get('error', trial.state.name.lower())}"
+            reason = trial.user_attrs.get("error", trial.state.name.lower())
+            log.warning("trial %d/%d: %s — failed: %s", trial.number + 1, n_trials, params, reason)
+            return
         log.info("trial %d/%d: %s — %s", trial.number + 1, n_trials, params, outcome)
 
     return callback
@@ -361,40 +388,38 @@ def run_search(
     check_trials(n_trials)
     search = resolve_search(config)
     sampler = make_sampler(strategy, search.space, config.seed, n_trials)
+    requested = n_trials
     if strategy == "grid":
         grid_size = math.prod(len(values) for values in grid_values(search.space).values())
         if n_trials < grid_size:
-            log.warning("grid has %d points; --trials %d runs only a seeded random subset", grid_size, n_trials)
+            log.warning(
+                "grid has %d points; --trials %d runs only a seeded random subset", grid_size, n_trials
+            )
         n_trials = min(n_trials, grid_size)
     started = time.perf_counter()
-    with _optuna_quiet():
+    with _quiet_trials():
         study = optuna.create_study(
             direction=search.direction, sampler=sampler, pruner=pruner or make_pruner(n_trials)
         )
         study.optimize(
             make_objective(config, search, progress=progress),
             n_trials=n_trials,
-            catch=(ConfigError, _training_diverged()),
-            callbacks=[_log_trial(n_trials, search.metric)],
+            catch=(_TrialFailed,),
+            callbacks=[_log_trial(n_trials, search)],
         )
     if not any(trial.state == TrialState.COMPLETE for trial in study.trials):
         errors = sorted({t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs})
         raise ConfigError(
-            f"no trial completed ({len(study.trials)} run)" + (f"; first error: {errors[0]}" if errors else "")
+            f"no trial completed ({len(study.trials)} run)"
+            + (f"; first error: {errors[0]}" if errors else "")
         )
     return SearchOutcome(
         study=study,
         strategy=strategy,
         search=search,
-        n_trials_requested=n_trials,
+        n_trials_requested=requested,
         seconds=time.perf_counter() - started,
     )
-
-
-def _training_diverged() -> type[Exception]:
-    from trainer.fit import TrainingDiverged
-
-    return TrainingDiverged
 
 
 # -------------------------------------------------------------------------------- tune + export
@@ -447,7 +472,12 @@ def tune_and_export(
     best_value = outcome.best_trial.value
     if best_value is None or not math.isclose(retrained, best_value, rel_tol=1e-6, abs_tol=1e-9):
         # Training is seeded and deterministic, so this points at nondeterminism worth knowing about.
-        log.warning("retraining the best trial gave validation %s %.6f, the trial had %s", metric, retrained, best_value)
+        log.warning(
+            "retraining the best trial gave validation %s %.6f, the trial had %s",
+            metric,
+            retrained,
+            best_value,
+        )
     summary = outcome.summary() | {"retrained_value": retrained}
     version_dir = export_model(
         result,
@@ -459,7 +489,11 @@ def tune_and_export(
     )
     log.info(
         "best of %d trials (%d pruned): %s — validation %s %.4f",
-        summary["trials"], summary["n_pruned"], summary["best_params"], metric, retrained,
+        summary["trials"],
+        summary["n_pruned"],
+        summary["best_params"],
+        metric,
+        retrained,
     )
     return TuneResult(outcome=outcome, config=best_config, version_dir=version_dir, retrained_value=retrained)
 
@@ -482,8 +516,12 @@ def add_tune_command(subparsers: Any) -> None:
     )
     add_common_arguments(parser)
     parser.add_argument("--strategy", choices=STRATEGIES, required=True, help="grid, random, or bayes (TPE)")
-    parser.add_argument("--trials", type=int, required=True, help="number of trials (a grid stops when exhausted)")
-    parser.add_argument("--seed", type=int, help="override the config's seed (seeds the sampler and every run)")
+    parser.add_argument(
+        "--trials", type=int, required=True, help="number of trials (a grid stops when exhausted)"
+    )
+    parser.add_argument(
+        "--seed", type=int, help="override the config's seed (seeds the sampler and every run)"
+    )
     parser.set_defaults(handler=run_tune)
 
 
@@ -495,10 +533,12 @@ def run_tune(args: argparse.Namespace) -> int:
     config = load_run_config(args)
     if args.seed is not None:
         config = config.with_overrides({"seed": args.seed})
-    search = resolve_search(config)
-    make_sampler(args.strategy, search.space, config.seed, args.trials)  # a grid the space cannot give
     tuned = tune_and_export(
-        config, args.output, strategy=args.strategy, n_trials=args.trials, replace=args.replace,
+        config,
+        args.output,
+        strategy=args.strategy,
+        n_trials=args.trials,
+        replace=args.replace,
         progress=not args.no_progress,
     )
     sys.stdout.write(f"{tuned.version_dir}\n")
