@@ -1,0 +1,1 @@
+"""HTTP routes of the simple API: `/predict` (raw ASGI), `/models`, health, `/metrics`."""

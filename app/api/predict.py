@@ -1,0 +1,201 @@
+"""`POST /predict`: JSON in, predictions out, as a raw ASGI endpoint.
+
+The body is parsed with orjson straight into numpy (no per-number pydantic validation) and the route skips
+FastAPI's request machinery; the OpenAPI schema still documents it (see `app/api/openapi.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+
+from app.api.asgi import ClientDisconnected, Receive, Scope, Send, read_body, require_json, send_json
+from app.dataplane import DataPlane
+from app.errors import InvalidInput
+from app.http_errors import error_parts, reason_for
+from app.model_card import LABEL_INDEX_OUTPUT, PROBABILITIES_OUTPUT, REGRESSION_OUTPUT
+from app.observability import UNKNOWN_MODEL, Metrics
+from app.repository import MASK_INPUT, SEQUENCE_INPUT, LoadedModel
+
+ENDPOINT = "/predict"
+_FIELDS = frozenset({"model", "version", "inputs", "top_k"})
+
+
+# -------------------------------------------------------------------------------------------- decoding
+def parse_request(body: bytes) -> tuple[str, int | None, Any, int | None]:
+    """Check the envelope of a /predict body: `(model, version, inputs, top_k)`; raises `InvalidInput`."""
+    if not body:
+        raise InvalidInput('empty body; send {"model": "<name>", "inputs": [[...], ...]}')
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        raise InvalidInput(f"malformed JSON: {err}") from err
+    if not isinstance(document, dict):
+        raise InvalidInput('body: expected a JSON object {"model": "<name>", "inputs": [...]}')
+    unknown = sorted(set(document) - _FIELDS)
+    if unknown:
+        raise InvalidInput(f"body: unknown field(s) {unknown}; expected {sorted(_FIELDS)}")
+    model = document.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidInput("model: required, the name of a served model (see GET /models)")
+    if "inputs" not in document:
+        raise InvalidInput("inputs: required, one item per example")
+    return model, _version(document.get("version")), document["inputs"], _top_k(document.get("top_k"))
+
+
+def _version(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"version: expected a positive integer, got {value!r}")
+    return value
+
+
+def _top_k(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"top_k: expected a positive integer, got {value!r}")
+    return value
+
+
+def decode_inputs(model: LoadedModel, raw: Any) -> dict[str, Any]:
+    """Map the `inputs` field onto graph inputs.
+
+    A list feeds a one-input model (or a sequence model: ragged sequences are right-padded and the mask is
+    built here); an object maps input names to values. Shapes and dtypes are checked later by
+    `LoadedModel.validate_inputs`.
+    """
+    if isinstance(raw, dict):
+        if model.pads_sequences and SEQUENCE_INPUT in raw and MASK_INPUT not in raw:
+            return dict(
+                zip((SEQUENCE_INPUT, MASK_INPUT), pad_sequences(model, raw[SEQUENCE_INPUT]), strict=True)
+            )
+        return raw
+    if not isinstance(raw, list):
+        raise InvalidInput("inputs: expected a list of examples, or an object mapping input names to lists")
+    if not raw:
+        raise InvalidInput("inputs: empty; send at least one example")
+    if model.pads_sequences:
+        return dict(zip((SEQUENCE_INPUT, MASK_INPUT), pad_sequences(model, raw), strict=True))
+    if len(model.input_names) != 1:
+        raise InvalidInput(
+            f"inputs: model {model.name!r} takes several inputs {model.input_names}; "
+            'send {"inputs": {"<input name>": [...], ...}}'
+        )
+    return {model.input_names[0]: raw}
+
+
+def pad_sequences(model: LoadedModel, sequences: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad sequences of different lengths and build the mask (true on real steps).
+
+    Each sequence is a list of steps; a step is a list of the model's channel count (or a number when the
+    model has one channel).
+    """
+    spec = next(s for s in model.inputs if s.name == SEQUENCE_INPUT)
+    channels = spec.shape[2]
+    if not isinstance(sequences, list) or not sequences:
+        raise InvalidInput("inputs: expected a non-empty list of sequences (each a list of steps)")
+    arrays = []
+    for i, sequence in enumerate(sequences):
+        where = f"inputs[{i}]"
+        if not isinstance(sequence, list) or not sequence:
+            raise InvalidInput(f"{where}: expected a non-empty list of steps")
+        try:
+            steps = np.asarray(sequence)
+        except (ValueError, TypeError) as err:
+            raise InvalidInput(f"{where}: every step needs the same number of values") from err
+        if steps.dtype.kind not in "iuf":
+            raise InvalidInput(f"{where}: steps must be numbers")
+        if steps.ndim == 1 and channels in (1, -1):
+            steps = steps[:, None]
+        if steps.ndim != 2 or (channels != -1 and steps.shape[1] != channels):
+            raise InvalidInput(
+                f"{where}: expected steps of {channels} value(s), got shape {list(steps.shape)}"
+            )
+        arrays.append(steps)
+    width = arrays[0].shape[1]
+    if any(a.shape[1] != width for a in arrays):
+        raise InvalidInput("inputs: every step of every sequence needs the same number of values")
+    longest = max(len(a) for a in arrays)
+    padded = np.zeros((len(arrays), longest, width), dtype=np.float64)
+    mask = np.zeros((len(arrays), longest), dtype=bool)
+    for i, steps in enumerate(arrays):
+        padded[i, : len(steps)] = steps
+        mask[i, : len(steps)] = True
+    return padded, mask
+
+
+# -------------------------------------------------------------------------------------------- encoding
+def encode_predictions(model: LoadedModel, outputs: dict[str, np.ndarray], top_k: int | None) -> list[Any]:
+    """One prediction per row: `{label, index, score[, top_k]}` for classifiers, `{value}` for regressors."""
+    if model.task != "classification":
+        values = outputs[REGRESSION_OUTPUT]
+        if values.ndim == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        return [{"value": value} for value in values.tolist()]
+    labels = model.labels or []
+    probabilities = outputs[PROBABILITIES_OUTPUT]
+    indices = outputs.get(LABEL_INDEX_OUTPUT)
+    if indices is None:
+        indices = probabilities.argmax(axis=1)
+    rows = probabilities.tolist()
+    predictions: list[dict[str, Any]] = [
+        {"label": labels[index], "index": index, "score": row[index]}
+        for row, index in zip(rows, indices.tolist(), strict=True)
+    ]
+    if top_k is not None:
+        k = min(top_k, probabilities.shape[1])
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k].tolist()
+        for prediction, row, best in zip(predictions, rows, order, strict=True):
+            prediction["top_k"] = [{"label": labels[i], "index": i, "score": row[i]} for i in best]
+    return predictions
+
+
+# -------------------------------------------------------------------------------------------- endpoint
+class PredictEndpoint:
+    """The raw ASGI app behind `POST /predict`."""
+
+    def __init__(self, dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> None:
+        """Bind the core, the metrics and the body limit."""
+        self.dataplane = dataplane
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self._inflight = metrics.inflight_requests.labels(endpoint=ENDPOINT)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one request (every error becomes its JSON answer here; nothing propagates)."""
+        started = time.perf_counter()
+        label = UNKNOWN_MODEL
+        self._inflight.inc()
+        try:
+            require_json(scope)
+            body = await read_body(scope, receive, self.max_body_bytes)
+            name, version, raw_inputs, top_k = parse_request(body)
+            model = self.dataplane.get_model(name, version)
+            label = model.name
+            if top_k is not None and model.task != "classification":
+                raise InvalidInput("top_k: only classifiers rank classes; drop it for a regression model")
+            outputs = await self.dataplane.infer(model, decode_inputs(model, raw_inputs))
+            answer = {
+                "model": model.name,
+                "version": model.version,
+                "predictions": encode_predictions(model, outputs, top_k),
+            }
+            status, payload, headers = 200, orjson.dumps(answer), None
+        except ClientDisconnected:
+            return
+        except Exception as exc:
+            status, payload, headers = error_parts(exc)
+            self.metrics.request_failures.labels(model=label, reason=reason_for(exc)).inc()
+        finally:
+            self._inflight.dec()
+        await send_json(send, status, payload, headers)
+        self.metrics.request_duration.labels(endpoint=ENDPOINT, model=label, status=str(status)).observe(
+            time.perf_counter() - started
+        )

@@ -1,0 +1,145 @@
+"""Pydantic models that document the simple API in OpenAPI.
+
+`/predict` does not validate with them (it parses with orjson into numpy); they exist so `/docs` shows
+the request and response shapes with examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.dataplane import ModelStatus
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer."""
+
+    error: str = Field(
+        description="what was wrong and where", examples=["inputs: expected shape [N, 4], got [2, 3]"]
+    )
+
+
+class PredictRequest(BaseModel):
+    """Rows to predict, shaped as the model's input without its batch axis."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "iris", "inputs": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], "top_k": 2},
+                {"model": "digits", "version": 1, "inputs": [[0.0] * 64]},
+                {"model": "waves", "inputs": [[[0.1], [0.5], [0.9]], [[0.3], [0.2]]]},
+                {"model": "multi", "inputs": {"a": [[1.0, 2.0]], "b": [[3.0, 4.0, 5.0]]}},
+            ]
+        }
+    )
+
+    model: str = Field(description="a served model's name (GET /models)")
+    version: int | None = Field(default=None, ge=1, description="default: the highest ready version")
+    inputs: list[Any] | dict[str, list[Any]] = Field(
+        description=(
+            "one item per example; an image model also takes flattened pixels; a sequence model takes "
+            "sequences of different lengths (padded and masked by the server); a model with several inputs "
+            "takes an object mapping input names to lists"
+        )
+    )
+    top_k: int | None = Field(default=None, ge=1, description="classifiers: also return the k best classes")
+
+
+class ClassScore(BaseModel):
+    """One class and its probability."""
+
+    label: str
+    index: int
+    score: float
+
+
+class ClassPrediction(ClassScore):
+    """A classifier's answer for one row (the most probable class)."""
+
+    top_k: list[ClassScore] | None = Field(
+        default=None, description="present when the request asked for top_k"
+    )
+
+
+class RegressionPrediction(BaseModel):
+    """A regressor's answer for one row."""
+
+    value: float
+
+
+class PredictResponse(BaseModel):
+    """One prediction per input row, in order."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "iris",
+                    "version": 1,
+                    "predictions": [
+                        {"label": "setosa", "index": 0, "score": 0.98},
+                        {"label": "virginica", "index": 2, "score": 0.91},
+                    ],
+                },
+                {"model": "diabetes", "version": 1, "predictions": [{"value": 151.2}]},
+            ]
+        }
+    )
+
+    model: str
+    version: int
+    predictions: list[ClassPrediction | RegressionPrediction]
+
+
+class ModelsResponse(BaseModel):
+    """Every model version in the repository."""
+
+    models: list[ModelStatus]
+
+
+class LiveResponse(BaseModel):
+    """The process answers."""
+
+    live: bool
+
+
+class ReadyResponse(BaseModel):
+    """Every loadable model is loaded and warm."""
+
+    ready: bool
+    error: str | None = None
+
+
+def _json_error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+
+
+PREDICT_OPERATION: dict[str, Any] = {
+    "summary": "Predict",
+    "description": "Run a model on rows of input. Concurrent requests are batched together transparently.",
+    "operationId": "predict",
+    "tags": ["inference"],
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+    },
+    "responses": {
+        "200": {
+            "description": "One prediction per row",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictResponse"}}},
+        },
+        "400": _json_error("Malformed JSON or invalid input (shape, dtype, NaN/Inf, unknown input name)"),
+        "401": _json_error("Missing or wrong API key"),
+        "404": _json_error("Unknown model or version"),
+        "413": _json_error("Body too large"),
+        "415": _json_error("Content type is not application/json"),
+        "503": _json_error("Model not ready or queue full (see Retry-After)"),
+        "504": _json_error("Waited too long in the queue"),
+    },
+}
+PREDICT_SCHEMAS: list[type[BaseModel]] = [PredictRequest, PredictResponse, ErrorResponse]

@@ -1,0 +1,351 @@
+"""Dynamic batching for one model: concurrent requests share one onnxruntime call.
+
+The rules (each is tested in `tests/serving/test_batcher.py`):
+
+* Rows are counted, not requests. A batch holds at most `max_batch_rows` rows, except that a single
+  request larger than that still runs, alone. Requests are never split.
+* One batch runs at a time per model, in a thread (onnxruntime releases the GIL), never on the event loop.
+* A request that arrives while the model is idle runs at once: no added latency at low load.
+* Requests that arrive while a batch runs wait for the next one, which starts when it has `max_batch_rows`
+  rows or when its oldest request has waited `max_delay_seconds` (measured with the loop's monotonic clock,
+  and re-checked after every wake-up so an early timer cannot flush early).
+* The queue is bounded: a request that would exceed `max_queue_rows` raises `Overloaded` (503 +
+  Retry-After); one that waits longer than `queue_timeout_seconds` raises `DeadlineExceeded` (504).
+* Background requests (`/evaluate`) fill only the room that waiting foreground rows leave, and wait for
+  queue space instead of being refused.
+* Outputs are split back per request after checking that every output has one row per input row. A batch
+  that fails fails only its own requests. Callers that went away are skipped; results are only set on
+  futures that are not done yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.errors import DeadlineExceeded, InferenceFailed, ModelServeError, NotReady, Overloaded
+from app.observability import ModelMetrics
+
+logger = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+RunBatch = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+Collate = Callable[[Sequence[Mapping[str, np.ndarray]]], Mapping[str, np.ndarray]]
+Signature = Callable[[Mapping[str, np.ndarray]], Hashable]
+
+
+def concatenate(parts: Sequence[Mapping[str, np.ndarray]]) -> Tensors:
+    """Default collate: stack every input along the batch axis."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def shapes_without_batch(inputs: Mapping[str, np.ndarray]) -> Hashable:
+    """Default signature: requests batch together when all their non-batch dimensions agree."""
+    return tuple((name, array.shape[1:]) for name, array in inputs.items())
+
+
+def split_rows(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[Tensors]:
+    """Cut every output back into one piece per request (`rows[i]` rows for request i).
+
+    Raises:
+        InferenceFailed: an output whose first axis is not the batch's total row count.
+    """
+    total = sum(rows)
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != total:
+            raise InferenceFailed(
+                f"output {name!r} has shape {list(value.shape)} for a batch of {total} rows"
+            )
+    if len(rows) == 1:
+        return [dict(outputs)]
+    offsets = np.cumsum(rows)[:-1]
+    pieces = {name: np.split(value, offsets) for name, value in outputs.items()}
+    return [{name: pieces[name][i] for name in outputs} for i in range(len(rows))]
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    signature: Hashable
+    future: asyncio.Future[Tensors]
+    enqueued_at: float
+    background: bool
+    queued: bool = True  # false once taken into a batch, expired, or abandoned by its caller
+    timer: asyncio.TimerHandle | None = field(default=None)
+
+
+class Batcher:
+    """The queue and the worker task of one model.
+
+    Use `start()` inside a running loop, `await submit(...)` from request handlers, `await stop()` at
+    shutdown (fails whatever still waits with `NotReady`).
+    """
+
+    def __init__(
+        self,
+        run: RunBatch,
+        *,
+        max_batch_rows: int,
+        max_delay_seconds: float,
+        max_queue_rows: int,
+        queue_timeout_seconds: float = 30.0,
+        retry_after_seconds: float = 1.0,
+        collate: Collate = concatenate,
+        signature: Signature = shapes_without_batch,
+        executor: Executor | None = None,
+        metrics: ModelMetrics | None = None,
+        name: str = "model",
+    ) -> None:
+        """Configure a batcher.
+
+        Args:
+            run: blocking call of the model on one batch (runs in `executor`).
+            max_batch_rows: most rows per call (a larger single request runs alone).
+            max_delay_seconds: longest the oldest waiting request waits for more rows once the model is free.
+            max_queue_rows: rows that may wait; more raises `Overloaded` (background requests wait instead).
+            queue_timeout_seconds: longest a foreground request may wait before `DeadlineExceeded`.
+            retry_after_seconds: the `Retry-After` hint carried by `Overloaded` and `NotReady`.
+            collate: stacks the inputs of several requests into one batch.
+            signature: requests batch together only when their signatures are equal.
+            executor: where `run` executes (the loop's default executor when None).
+            metrics: the model's bound metrics (queue time, inference time, batch rows, queue rows).
+            name: the model's name, for logs.
+        """
+        self._run = run
+        self.max_batch_rows = max_batch_rows
+        self.max_delay_seconds = max_delay_seconds
+        self.max_queue_rows = max_queue_rows
+        self.queue_timeout_seconds = queue_timeout_seconds
+        self.retry_after_seconds = retry_after_seconds
+        self._collate = collate
+        self._signature = signature
+        self._executor = executor
+        self._metrics = metrics
+        self.name = name
+        self._foreground: deque[_Request] = deque()
+        self._background: deque[_Request] = deque()
+        self._foreground_rows = 0
+        self._background_rows = 0
+        self._arrived = asyncio.Event()  # set on every submission: wakes an idle or waiting worker
+        self._space = asyncio.Event()  # set whenever rows leave the queue: wakes waiting background callers
+        self._in_flight: list[_Request] = []
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting (foreground and background)."""
+        return self._foreground_rows + self._background_rows
+
+    def start(self) -> None:
+        """Start the worker task on the running loop (the reference is kept, so it is never collected)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher:{self.name}")
+
+    async def stop(self) -> None:
+        """Stop the worker and answer every waiting or running request with `NotReady`."""
+        self._closed = True
+        in_flight = list(self._in_flight)  # the worker clears its list when cancelled
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for request in [*in_flight, *self._foreground, *self._background]:
+            self._dequeue(request)
+            if not request.future.done():
+                request.future.set_exception(
+                    NotReady("the server is shutting down", self.retry_after_seconds)
+                )
+        self._foreground.clear()
+        self._background.clear()
+        self._in_flight = []
+
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], rows: int, *, background: bool = False
+    ) -> Tensors:
+        """Queue one request's rows and wait for its own outputs.
+
+        Args:
+            inputs: validated arrays, all with `rows` rows.
+            rows: number of rows (the batch axis length).
+            background: yield to foreground requests, and wait for queue space instead of failing.
+
+        Raises:
+            Overloaded: the queue is full (foreground only).
+            DeadlineExceeded: waited longer than `queue_timeout_seconds` (foreground only).
+            NotReady: the batcher is stopped.
+            InferenceFailed: the batch this request ran in failed.
+        """
+        if self._closed:
+            raise NotReady("the server is shutting down", self.retry_after_seconds)
+        if background:
+            while self._background_rows and self._background_rows + rows > self.max_queue_rows:
+                self._space.clear()
+                await self._space.wait()
+        elif self._foreground_rows and self._foreground_rows + rows > self.max_queue_rows:
+            raise Overloaded(
+                f"model {self.name!r} has {self._foreground_rows} rows queued (limit {self.max_queue_rows}); "
+                "retry later",
+                self.retry_after_seconds,
+            )
+        loop = asyncio.get_running_loop()
+        request = _Request(
+            inputs, rows, self._signature(inputs), loop.create_future(), loop.time(), background
+        )
+        if background:
+            self._background.append(request)
+            self._background_rows += rows
+        else:
+            self._foreground.append(request)
+            self._foreground_rows += rows
+            request.timer = loop.call_at(
+                request.enqueued_at + self.queue_timeout_seconds, self._expire, request
+            )
+        self._report_queue()
+        self._arrived.set()
+        try:
+            return await request.future
+        finally:
+            # The caller went away (cancelled) while queued: give its rows back to the queue bound.
+            self._dequeue(request)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _dequeue(self, request: _Request) -> None:
+        if not request.queued:
+            return
+        request.queued = False
+        if request.timer is not None:
+            request.timer.cancel()
+        if request.background:
+            self._background_rows -= request.rows
+        else:
+            self._foreground_rows -= request.rows
+        self._space.set()
+        self._report_queue()
+
+    def _report_queue(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_rows.set(self.queued_rows)
+
+    def _expire(self, request: _Request) -> None:
+        if request.queued:
+            self._dequeue(request)
+            if not request.future.done():
+                request.future.set_exception(
+                    DeadlineExceeded(
+                        f"waited {self.queue_timeout_seconds:g} s in the queue of model {self.name!r}; "
+                        "the server is overloaded"
+                    )
+                )
+
+    def _oldest(self) -> _Request | None:
+        """The oldest request still queued (dropping abandoned ones from the front)."""
+        for queue in (self._foreground, self._background):
+            while queue and not queue[0].queued:
+                queue.popleft()
+        candidates = [queue[0] for queue in (self._foreground, self._background) if queue]
+        return min(candidates, key=lambda r: r.enqueued_at) if candidates else None
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._oldest() is None:
+                # Idle: the next request runs as soon as it arrives.
+                self._arrived.clear()
+                await self._arrived.wait()
+            else:
+                # Requests queued while the last batch ran: wait for a full batch or the oldest's deadline.
+                await self._wait_for_batch(loop)
+            batch = self._take()
+            if batch:
+                await self._execute(batch, loop)
+
+    async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self.queued_rows < self.max_batch_rows:
+            oldest = self._oldest()
+            if oldest is None:
+                return
+            remaining = oldest.enqueued_at + self.max_delay_seconds - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    def _take(self) -> list[_Request]:
+        """Form the next batch: foreground first (FIFO), background only in the room foreground leaves."""
+        batch: list[_Request] = []
+        rows = 0
+        signature: Hashable = None
+        for queue in (self._foreground, self._background):
+            if queue is self._background and self._foreground_rows:
+                break  # foreground rows still wait (they did not fit): background yields to them
+            while queue:
+                request = queue[0]
+                if not request.queued or request.future.done():
+                    queue.popleft()
+                    self._dequeue(request)
+                    continue
+                if batch and (rows + request.rows > self.max_batch_rows or request.signature != signature):
+                    break
+                queue.popleft()
+                self._dequeue(request)
+                batch.append(request)
+                rows += request.rows
+                signature = request.signature
+                if rows >= self.max_batch_rows:
+                    return batch
+        return batch
+
+    async def _execute(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        if self._metrics is not None:
+            for request in batch:
+                self._metrics.queue_duration.observe(now - request.enqueued_at)
+        rows = [request.rows for request in batch]
+        self._in_flight = batch
+        started = time.perf_counter()
+        try:
+            inputs = batch[0].inputs if len(batch) == 1 else self._collate([r.inputs for r in batch])
+            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            pieces = split_rows(outputs, rows)
+        except Exception as err:
+            logger.error(
+                "a batch failed",
+                exc_info=err,
+                extra={"model": self.name, "batch_rows": sum(rows), "requests": len(batch)},
+            )
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(self._failure(err, sum(rows)))
+            return
+        finally:
+            self._in_flight = []
+            if self._metrics is not None:
+                self._metrics.inference_duration.observe(time.perf_counter() - started)
+                self._metrics.batch_rows.observe(sum(rows))
+        for request, piece in zip(batch, pieces, strict=True):
+            if not request.future.done():
+                request.future.set_result(piece)
+
+    @staticmethod
+    def _failure(err: Exception, rows: int) -> ModelServeError:
+        """A fresh error per waiter (one exception object must not be raised in several tasks)."""
+        if isinstance(err, ModelServeError):
+            failure = type(err)(err.message)
+        else:
+            failure = InferenceFailed(f"inference failed on a batch of {rows} rows: {type(err).__name__}")
+        failure.__cause__ = err
+        return failure

@@ -1,0 +1,145 @@
+"""The one table that turns domain errors (`app/errors.py`) into HTTP answers `{"error": "..."}`.
+
+Raw ASGI handlers use `error_parts`; FastAPI routes get the same answers through the exception handlers
+that `install_exception_handlers` registers. 4xx are logged without a traceback; anything unexpected is a
+500 with a generic message (never a traceback or a path), logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app.errors import (
+    DeadlineExceeded,
+    FeatureDisabled,
+    InferenceFailed,
+    InvalidInput,
+    ModelNotFound,
+    ModelServeError,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[ModelServeError], int] = {
+    InvalidInput: 400,
+    Unauthorized: 401,
+    FeatureDisabled: 403,
+    ModelNotFound: 404,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    InferenceFailed: 500,
+    NotReady: 503,
+    Overloaded: 503,
+    DeadlineExceeded: 504,
+}
+INTERNAL_ERROR_MESSAGE = (
+    "internal server error; the request id in the X-Request-ID header finds it in the logs"
+)
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def status_for(exc: ModelServeError) -> int:
+    """HTTP status of a domain error (the nearest class in the table; 500 if none)."""
+    for cls in type(exc).__mro__:
+        status = STATUS_BY_ERROR.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
+def reason_for(exc: BaseException) -> str:
+    """Low-cardinality snake_case name of an error, for the `reason` label of failure metrics."""
+    if not isinstance(exc, ModelServeError):
+        return "internal_error"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+def error_body(message: str) -> bytes:
+    """The JSON error body every endpoint answers with."""
+    return orjson.dumps({"error": message})
+
+
+def error_parts(exc: BaseException) -> tuple[int, bytes, Headers]:
+    """Status, body and extra headers for any exception (unexpected ones become a generic 500).
+
+    Also logs it: a 4xx at INFO without a traceback, a 5xx at ERROR (with the traceback when unexpected).
+    """
+    if not isinstance(exc, ModelServeError):
+        logger.error("unexpected error", exc_info=exc)
+        return 500, error_body(INTERNAL_ERROR_MESSAGE), []
+    status = status_for(exc)
+    headers: Headers = []
+    if isinstance(exc, NotReady):
+        headers.append((b"retry-after", str(max(1, round(exc.retry_after_seconds))).encode()))
+    elif isinstance(exc, Unauthorized):
+        headers.append((b"www-authenticate", b"Bearer"))
+    if status >= 500:
+        # InferenceFailed carries internal detail for the log only; the client gets the generic text.
+        logger.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc.__cause__)
+        message = INTERNAL_ERROR_MESSAGE if status == 500 else exc.message
+    else:
+        logger.info("%s: %s", type(exc).__name__, exc.message)
+        message = exc.message
+    return status, error_body(message), headers
+
+
+def error_response(exc: BaseException) -> Response:
+    """`error_parts` as a Starlette response."""
+    status, body, headers = error_parts(exc)
+    response = Response(body, status_code=status, media_type="application/json")
+    for key, value in headers:
+        response.headers[key.decode()] = value.decode()
+    return response
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(item) for item in error.get("loc", ()) if item != "body")
+        parts.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _on_domain_error(_: Request, exc: Exception) -> Response:
+    return error_response(exc)
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(InvalidInput(_validation_message(exc)))
+
+
+async def _on_http_exception(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    response = Response(
+        error_body(str(exc.detail)), status_code=exc.status_code, media_type="application/json"
+    )
+    for key, value in (exc.headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+async def _on_unexpected(_: Request, exc: Exception) -> Response:
+    return error_response(exc)
+
+
+def install_exception_handlers(app: FastAPI) -> None:
+    """Register the mapping above on a FastAPI app (domain errors, validation, HTTP errors, anything else)."""
+    app.add_exception_handler(ModelServeError, _on_domain_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,0 +1,78 @@
+"""`create_app(settings)`: the whole service, assembled; models load in the lifespan, nothing at import.
+
+Other routers are included at the marked place, one line each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import routes
+from app.api.openapi import add_raw_route, install_openapi
+from app.api.predict import PredictEndpoint
+from app.api.schemas import PREDICT_OPERATION, PREDICT_SCHEMAS
+from app.dataplane import DataPlane
+from app.http_errors import install_exception_handlers
+from app.middleware import RequestContextMiddleware
+from app.observability import Metrics
+from app.settings import Settings
+from app.v2 import routes as v2_routes
+
+DESCRIPTION = """Serves the ONNX models of a model repository with onnxruntime.
+
+* `POST /predict`: simple JSON API, with dynamic batching of concurrent requests.
+* Open Inference Protocol (KServe V2) under `/v2`.
+* `GET /metrics`: Prometheus.
+
+Errors are `{"error": "<message>"}` with the status that fits (400, 401, 404, 413, 415, 503, 504, 500).
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service.
+
+    Args:
+        settings: defaults to `Settings()` (the `MODELSERVE_*` environment), which is how
+            `uvicorn --factory app.main:create_app` and every worker process build it.
+
+    Returns:
+        The FastAPI app. `app.state` holds `settings`, `metrics` (app-own Prometheus registry) and
+        `dataplane` (the core every route calls); the lifespan loads and warms up the models.
+    """
+    settings = settings or Settings()
+    metrics = Metrics(settings.prometheus_multiproc_dir)
+    dataplane = DataPlane(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await dataplane.start()
+        try:
+            yield
+        finally:
+            await dataplane.stop()
+            metrics.mark_process_dead()
+
+    app = FastAPI(title="modelserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.dataplane = dataplane
+    install_exception_handlers(app)
+    install_openapi(app)
+    app.add_middleware(RequestContextMiddleware, settings=settings)
+
+    add_raw_route(
+        app,
+        "/predict",
+        PredictEndpoint(dataplane, metrics, settings.max_body_bytes),
+        methods=["POST"],
+        operation=PREDICT_OPERATION,
+        schemas=PREDICT_SCHEMAS,
+    )
+    app.include_router(routes.router)
+    # Routers of the other parts, one line each:
+    app.include_router(v2_routes.router)
+    return app

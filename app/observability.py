@@ -1,0 +1,188 @@
+"""Prometheus metrics (the names in DESIGN.md are a contract), JSON logging and the request id.
+
+Each app owns a `CollectorRegistry`, so several apps (tests) never share counters. When
+`PROMETHEUS_MULTIPROC_DIR` is set (`modelserve serve --workers N` sets it), prometheus_client keeps every
+value in per-process files there and `/metrics` merges them, so the numbers cover all workers.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+# Latency buckets from 100 µs to 10 s: /predict on a small model answers in well under a millisecond.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+
+# Label value for requests that name no loaded model (labels never carry user-supplied strings).
+UNKNOWN_MODEL = "unknown"
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """The per-model children, bound once so the hot path skips the label lookup."""
+
+    queue_duration: Any
+    inference_duration: Any
+    batch_rows: Any
+    queue_rows: Any
+
+
+class Metrics:
+    """Every metric of DESIGN.md's table, registered in a registry of this app's own.
+
+    Attributes are the prometheus_client metric objects: `request_duration`, `queue_duration`,
+    `inference_duration`, `batch_rows`, `queue_rows`, `inflight_requests`, `request_failures`,
+    `model_load_seconds`, `evaluation_score`.
+    """
+
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        """Create the metrics.
+
+        Args:
+            multiprocess_dir: prometheus_client's multiprocess directory, when several workers share one.
+        """
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = multiprocess_dir
+        registry = self.registry
+        self.request_duration = Histogram(
+            "modelserve_request_duration_seconds",
+            "Time from request received to response sent, by endpoint, model and HTTP status.",
+            ["endpoint", "model", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_duration = Histogram(
+            "modelserve_queue_duration_seconds",
+            "Time a request waited in its model's batch queue.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "modelserve_inference_duration_seconds",
+            "Time of one onnxruntime call (one batch).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_rows = Histogram(
+            "modelserve_batch_rows",
+            "Rows per onnxruntime call; _count is the number of calls.",
+            ["model"],
+            buckets=BATCH_ROW_BUCKETS,
+            registry=registry,
+        )
+        self.queue_rows = Gauge(
+            "modelserve_queue_rows",
+            "Rows waiting in a model's batch queue.",
+            ["model"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.inflight_requests = Gauge(
+            "modelserve_inflight_requests",
+            "Requests being handled, by endpoint.",
+            ["endpoint"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.request_failures = Counter(
+            "modelserve_request_failures",
+            "Requests answered with an error, by model and reason (snake_case error name).",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.model_load_seconds = Gauge(
+            "modelserve_model_load_seconds",
+            "Seconds it took to load and warm up a model version.",
+            ["model", "version"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.evaluation_score = Gauge(
+            "modelserve_evaluation_score",
+            "Latest score reported by /evaluate, by model and metric.",
+            ["model", "metric"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self._per_model: dict[str, ModelMetrics] = {}
+
+    def for_model(self, model: str) -> ModelMetrics:
+        """Children of the per-model metrics for a loaded model's name (cached)."""
+        bound = self._per_model.get(model)
+        if bound is None:
+            bound = ModelMetrics(
+                queue_duration=self.queue_duration.labels(model=model),
+                inference_duration=self.inference_duration.labels(model=model),
+                batch_rows=self.batch_rows.labels(model=model),
+                queue_rows=self.queue_rows.labels(model=model),
+            )
+            self._per_model[model] = bound
+        return bound
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric (merged across workers in multiprocess mode)."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+    def mark_process_dead(self) -> None:
+        """Drop this worker's live gauges from the shared directory (called when the app shuts down)."""
+        if self.multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id, and any `extra` fields."""
+
+    _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+    converter = time.gmtime  # type: ignore[assignment]  # log times in UTC
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render a record as JSON."""
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": request_id_var.get(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def logging_config(level: str = "info") -> dict[str, Any]:
+    """A `logging.config.dictConfig` dict sending app and uvicorn logs as JSON to stderr."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"default": handler},
+        "loggers": {
+            "app": {"handlers": ["default"], "level": level.upper(), "propagate": False},
+            "uvicorn": {"handlers": ["default"], "level": level.upper(), "propagate": False},
+            "uvicorn.error": {"level": level.upper()},
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+        },
+    }

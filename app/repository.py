@@ -1,0 +1,371 @@
+"""The model repository: find `<name>/<version>/` folders, check each card and its sha256, load the graph.
+
+`LoadedModel` is what the rest of the service sees of one model version: its card, the input and output
+schema read from the graph (not trusted from the card), the providers really in use, input validation
+(names, dtype, shape, finite values) and the way requests of this model are stacked into one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from app.errors import InvalidInput
+from app.model_card import (
+    CARD_FILENAME,
+    ONNX_FILENAME,
+    PROBABILITIES_OUTPUT,
+    REGRESSION_OUTPUT,
+    ModelCard,
+    TensorSpec,
+)
+from app.session import create_session, uses_external_data
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# onnxruntime's type strings → numpy dtype names (the card's spelling).
+ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int16)": "int16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+# Inputs of the sequence convention (right padded, `mask` true on real steps): requests of different
+# lengths are padded to the longest one in a batch, which leaves every row's output unchanged.
+SEQUENCE_INPUT, MASK_INPUT = "sequence", "mask"
+_KIND_NAMES = {
+    "U": "text",
+    "S": "text",
+    "O": "null or mixed values",
+    "b": "true/false",
+    "c": "complex numbers",
+}
+
+
+class ModelLoadError(Exception):
+    """A model version that cannot be served; `reason` is shown in `GET /models` and the log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one model version lives in the repository."""
+
+    name: str
+    version: int
+    directory: Path
+
+
+def scan_repository(root: Path) -> list[ModelSource]:
+    """Every `<name>/<version>/` folder under `root`, sorted by name then version.
+
+    Folders whose name is not a positive integer are not versions and are skipped (with a debug line);
+    a missing root is logged and yields nothing, so the server still starts and reports no models.
+    """
+    if not root.is_dir():
+        logger.warning("model repository not found", extra={"repository": str(root)})
+        return []
+    sources = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            if not version_dir.name.isdigit() or int(version_dir.name) < 1:
+                logger.debug("skipping a folder that is not a version", extra={"folder": str(version_dir)})
+                continue
+            sources.append(ModelSource(model_dir.name, int(version_dir.name), version_dir))
+    return sorted(sources, key=lambda s: (s.name, s.version))
+
+
+def _ort_spec(node: Any) -> TensorSpec:
+    shape = [dim if isinstance(dim, int) and dim >= 0 else -1 for dim in node.shape]
+    return TensorSpec(name=node.name, dtype=ORT_DTYPES.get(node.type, node.type), shape=shape)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    """`[-1, 4]` → `[N, 4]`; other variable axes show as `*`."""
+    dims = ["N" if i == 0 and d == -1 else ("*" if d == -1 else str(d)) for i, d in enumerate(shape)]
+    return "[" + ", ".join(dims) + "]"
+
+
+class LoadedModel:
+    """One model version ready to run.
+
+    Attributes:
+        name: model name (the repository folder, equal to the card's).
+        version: model version.
+        card: the validated model card.
+        inputs: graph inputs, batch axis first, `-1` for variable axes.
+        outputs: graph outputs.
+        providers: execution providers the session actually uses.
+        load_seconds: time to load and warm up.
+    """
+
+    def __init__(self, card: ModelCard, session: ort.InferenceSession, directory: Path) -> None:
+        """Wrap a session; raises `ModelLoadError` when the graph breaks the card's conventions."""
+        self.card = card
+        self.name = card.name
+        self.version = card.version
+        self.directory = directory
+        self.session = session
+        self.inputs = [_ort_spec(node) for node in session.get_inputs()]
+        self.outputs = [_ort_spec(node) for node in session.get_outputs()]
+        self.providers: list[str] = list(session.get_providers())
+        self.load_seconds = 0.0
+        self.input_names = [spec.name for spec in self.inputs]
+        self.output_names = [spec.name for spec in self.outputs]
+        self._specs = {spec.name: spec for spec in self.inputs}
+        self._dtypes = {spec.name: np.dtype(spec.dtype) for spec in self.inputs}
+        self.pads_sequences = {SEQUENCE_INPUT, MASK_INPUT} == set(self.input_names) and len(
+            self._specs[SEQUENCE_INPUT].shape
+        ) == 3
+        self.batchable = all(spec.shape and spec.shape[0] == -1 for spec in self.inputs)
+        self._check_conventions()
+
+    @property
+    def task(self) -> str:
+        """`classification` or `regression` (from the card)."""
+        return self.card.task
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Class names, index i naming class i (classification only)."""
+        return self.card.labels
+
+    def _check_conventions(self) -> None:
+        card_inputs = sorted(spec.name for spec in self.card.inputs)
+        if card_inputs != sorted(self.input_names):
+            raise ModelLoadError(
+                f"the card lists inputs {card_inputs} but the graph has {sorted(self.input_names)}"
+            )
+        for spec in self.inputs:
+            if spec.dtype not in ORT_DTYPES.values():
+                raise ModelLoadError(f"input {spec.name!r} has unsupported type {spec.dtype}")
+        outputs = {spec.name: spec for spec in self.outputs}
+        if self.task == "classification":
+            probabilities = outputs.get(PROBABILITIES_OUTPUT)
+            if probabilities is None:
+                raise ModelLoadError(
+                    f"a classifier must output {PROBABILITIES_OUTPUT!r}; it has {sorted(outputs)}"
+                )
+            n_classes = probabilities.shape[-1] if len(probabilities.shape) == 2 else None
+            if n_classes is None or (n_classes != -1 and n_classes != len(self.labels or [])):
+                raise ModelLoadError(
+                    f"{PROBABILITIES_OUTPUT!r} has shape {probabilities.shape}, "
+                    f"expected [N, {len(self.labels or [])}] for the card's labels"
+                )
+        elif REGRESSION_OUTPUT not in outputs:
+            raise ModelLoadError(f"a regressor must output {REGRESSION_OUTPUT!r}; it has {sorted(outputs)}")
+
+    # ------------------------------------------------------------------------------------------ validation
+    def where(self, name: str) -> str:
+        """How an error message names an input: `inputs` for one-input models, `inputs.<name>` otherwise."""
+        return "inputs" if len(self.inputs) == 1 else f"inputs.{name}"
+
+    def validate_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Check and convert request data to exactly what the graph takes.
+
+        Args:
+            inputs: one entry per graph input: nested lists or numpy arrays, batch axis first. An image input
+                also takes flattened pixels `[N, C*H*W]`.
+
+        Returns:
+            Contiguous arrays of the graph's dtypes and shapes, all with the same number of rows.
+
+        Raises:
+            InvalidInput: a missing or unknown input name, values that are not numbers, a wrong shape, no
+                rows, rows that disagree between inputs, or NaN/Inf; the message says where.
+        """
+        unknown = sorted(set(inputs) - set(self._specs))
+        if unknown:
+            raise InvalidInput(
+                f"inputs: unknown input name(s) {unknown}; model {self.name!r} takes {self.input_names}"
+            )
+        missing = [name for name in self.input_names if name not in inputs]
+        if missing:
+            raise InvalidInput(
+                f"inputs: missing input(s) {missing}; model {self.name!r} takes {self.input_names}"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        rows: int | None = None
+        for spec in self.inputs:
+            array = self._fit_shape(self._to_array(inputs[spec.name], spec), spec)
+            if array.shape[0] == 0:
+                raise InvalidInput(f"{self.where(spec.name)}: empty; send at least one row")
+            if rows is not None and array.shape[0] != rows:
+                raise InvalidInput(
+                    f"{self.where(spec.name)}: has {array.shape[0]} rows but "
+                    f"{self.where(self.input_names[0])} has {rows}; every input needs one entry per row"
+                )
+            rows = array.shape[0]
+            arrays[spec.name] = array
+        return arrays
+
+    def _to_array(self, value: Any, spec: TensorSpec) -> np.ndarray:
+        where = self.where(spec.name)
+        target = self._dtypes[spec.name]
+        try:
+            array = value if isinstance(value, np.ndarray) else np.asarray(value)
+        except (ValueError, TypeError) as err:
+            raise InvalidInput(
+                f"{where}: not a rectangular array; every row needs the same shape {_shape_text(spec.shape)}"
+            ) from err
+        kind = array.dtype.kind
+        if target.kind == "b":
+            ok = kind == "b" or (kind in "iu" and bool(np.isin(array, (0, 1)).all()))
+        elif target.kind in "iu":
+            ok = kind in "iu"
+        else:
+            ok = kind in "iuf"
+        if not ok:
+            raise InvalidInput(
+                f"{where}: expected {spec.dtype} values, got {_KIND_NAMES.get(kind, array.dtype.name)}"
+                + _first_bad_value(value, where)
+            )
+        if target.kind == "f" and kind == "f" and not np.isfinite(array).all():
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+            raise InvalidInput(f"{where}{''.join(f'[{i}]' for i in bad)}: NaN or Inf is not a valid input")
+        if array.dtype != target:
+            array = array.astype(target)
+        return np.ascontiguousarray(array)
+
+    def _fit_shape(self, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+        expected = spec.shape
+        got = list(array.shape)
+        if len(got) == len(expected) and all(e in (-1, g) for e, g in zip(expected, got, strict=True)):
+            return array
+        fixed = expected[1:]
+        if len(expected) >= 3 and -1 not in fixed and len(got) == 2 and got[1] == math.prod(fixed):
+            # An image model also takes flattened pixels, one row per image.
+            return array.reshape([got[0], *fixed])
+        hint = ""
+        if len(got) == len(expected) - 1 and got and got[0] != 0:
+            hint = "; one example still needs the batch axis: wrap it in a list"
+        elif len(expected) == 2 and len(got) == 2:
+            hint = f" (rows of {got[1]} values where the model takes {expected[1]})"
+        raise InvalidInput(
+            f"{self.where(spec.name)}: expected shape {_shape_text(expected)}, got {got}{hint}"
+        )
+
+    # ------------------------------------------------------------------------------------------ batching
+    def batch_signature(self, inputs: Mapping[str, np.ndarray]) -> Hashable:
+        """Requests with equal signatures can share one onnxruntime call."""
+        if self.pads_sequences:
+            return None
+        return tuple(inputs[name].shape[1:] for name in self.input_names)
+
+    def collate(self, parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Stack requests along the batch axis (sequence models: right-pad to the longest, mask false)."""
+        if len(parts) == 1:
+            return dict(parts[0])
+        if self.pads_sequences:
+            longest = max(part[SEQUENCE_INPUT].shape[1] for part in parts)
+            parts = [_pad_steps(part, longest) for part in parts]
+        return {name: np.concatenate([part[name] for part in parts]) for name in self.input_names}
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One onnxruntime call (blocking; releases the GIL): every graph output by name."""
+        results = self.session.run(self.output_names, dict(inputs))
+        return dict(zip(self.output_names, results, strict=True))
+
+    def warm_up(self, rows: Sequence[int]) -> None:
+        """Run zero-filled batches of these sizes so the first real request pays no one-time costs."""
+        for n in rows:
+            sample = {}
+            for spec in self.inputs:
+                shape = [n, *(1 if d == -1 else d for d in spec.shape[1:])]
+                dtype = self._dtypes[spec.name]
+                sample[spec.name] = np.ones(shape, dtype) if dtype.kind == "b" else np.zeros(shape, dtype)
+            self.run(sample)
+
+
+def _pad_steps(part: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    sequence, mask = part[SEQUENCE_INPUT], part[MASK_INPUT]
+    extra = length - sequence.shape[1]
+    if extra == 0:
+        return dict(part)
+    return {
+        SEQUENCE_INPUT: np.pad(sequence, ((0, 0), (0, extra), (0, 0))),
+        MASK_INPUT: np.pad(mask, ((0, 0), (0, extra)), constant_values=False),
+    }
+
+
+def _first_bad_value(value: Any, where: str) -> str:
+    """`; inputs[1][2] is 'abc'`: the first non-number in nested lists (error path only)."""
+    stack: list[tuple[str, Any]] = [(where, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, list | tuple):
+            stack.extend((f"{path}[{i}]", sub) for i, sub in reversed(list(enumerate(item))))
+        elif isinstance(item, bool) or not isinstance(item, int | float):
+            return f"; {path} is {item!r}"
+    return ""
+
+
+def load_model(source: ModelSource, settings: Settings, providers: Sequence[str]) -> LoadedModel:
+    """Read, verify and load one model version, then warm it up (blocking).
+
+    Raises:
+        ModelLoadError: a missing or invalid card, a card that names another model or version, a sha256
+            mismatch, external data, a graph onnxruntime rejects, or one that breaks the tensor conventions.
+    """
+    started = time.perf_counter()
+    card_path, onnx_path = source.directory / CARD_FILENAME, source.directory / ONNX_FILENAME
+    if not onnx_path.is_file():
+        raise ModelLoadError(f"no {ONNX_FILENAME} in {source.name}/{source.version}")
+    try:
+        card = ModelCard.read(card_path)
+    except FileNotFoundError as err:
+        raise ModelLoadError(f"no {CARD_FILENAME} beside the graph") from err
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in err.errors()[:5]
+        )
+        raise ModelLoadError(f"invalid model card: {problems}") from err
+    if card.name != source.name or card.version != source.version:
+        raise ModelLoadError(
+            f"the card describes {card.name}/{card.version} but sits in {source.name}/{source.version}"
+        )
+    model_bytes = onnx_path.read_bytes()
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    if digest != card.onnx.sha256:
+        raise ModelLoadError(f"sha256 of {ONNX_FILENAME} is {digest}, the card says {card.onnx.sha256}")
+    try:
+        external = uses_external_data(model_bytes)
+    except (ValueError, IndexError) as err:
+        raise ModelLoadError(f"{ONNX_FILENAME} is not an ONNX protobuf") from err
+    if external:
+        raise ModelLoadError(
+            "the graph keeps weights in an external data file; export one self-contained file"
+        )
+    try:
+        session = create_session(model_bytes, settings, providers)
+    except Exception as err:  # onnxruntime raises several unrelated types
+        raise ModelLoadError(f"onnxruntime cannot load the graph: {err}") from err
+    model = LoadedModel(card, session, source.directory)
+    try:
+        model.warm_up(sorted({1, settings.max_batch_rows}))
+    except Exception as err:
+        raise ModelLoadError(f"warm-up run failed: {err}") from err
+    model.load_seconds = time.perf_counter() - started
+    return model
