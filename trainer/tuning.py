@@ -462,9 +462,9 @@ def tune_and_export(
         ConfigError: see `run_search`.
         ExportError: see `trainer.fit.export_model`.
     """
-    from trainer.fit import export_model, train_and_evaluate
-
     outcome = run_search(config, strategy=strategy, n_trials=n_trials, pruner=pruner)
+    from trainer.fit import export_model, train_and_evaluate  # after the checks: a bad space fails fast
+
     best_config = config.with_overrides(outcome.best_overrides)
     result = train_and_evaluate(best_config, progress=progress)
     metric = outcome.search.metric
