@@ -1,0 +1,233 @@
+"""The evaluation loop: chunks of rows → the model → mergeable counts → the report.
+
+Protocol-free: the HTTP route passes `DataPlane.infer(..., background=True)` (the same batcher as
+`/predict`, yielding to its rows), the CLI's local mode a direct onnxruntime call. Only the counts of
+`app.scoring` outlive a chunk, and at most ``max_inflight_chunks`` chunks are held at once (one being
+parsed while the previous one is in the model), so memory does not grow with the number of rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from app.errors import InvalidInput
+from app.evaluate.readers import Chunk, EvaluationOptions, Schema
+from app.model_card import LABEL_INDEX_OUTPUT, PROBABILITIES_OUTPUT, REGRESSION_OUTPUT
+from app.scoring import ClassificationAccumulator, RegressionAccumulator, default_top_k
+
+Tensors = dict[str, npt.NDArray[Any]]
+InferFn = Callable[[Tensors], Awaitable[Tensors]]
+ProgressFn = Callable[[int], None]
+
+# Card metric names → the report's, for the "difference" block (the trainer records a loss: cross-entropy
+# for classifiers, MSE for regressors).
+_CARD_ALIASES = {
+    "classification": {"loss": "log_loss", "cross_entropy": "log_loss", "top_k_accuracy": "top_k_accuracy"},
+    "regression": {"loss": "mse"},
+}
+
+
+def resolve_pos_label(value: str | int | None, labels: tuple[str, ...]) -> int | None:
+    """The positive class index for ROC AUC (two-class models): a class name or index; default 1."""
+    if len(labels) != 2:
+        if value is not None:
+            raise InvalidInput(
+                f"pos_label applies to two-class models (ROC AUC); this model has {len(labels)} classes"
+            )
+        return None
+    if value is None:
+        return 1
+    if isinstance(value, str):
+        if value in labels:
+            return labels.index(value)
+        if value.strip().isdigit() and int(value) in (0, 1):
+            return int(value)
+    elif value in (0, 1):
+        return int(value)
+    raise InvalidInput(f"pos_label {value!r} is not one of the model's classes {list(labels)} (or 0, 1)")
+
+
+def flat_scores(report: dict[str, Any]) -> dict[str, float]:
+    """Scalar scores by name (`accuracy`, `f1_macro`, `roc_auc`, `mse`, ...): for gauges and the card."""
+    flat: dict[str, float] = {}
+    for key in ("accuracy", "log_loss", "mse", "rmse", "mae", "r2", "max_error"):
+        if isinstance(report.get(key), int | float):
+            flat[key] = float(report[key])
+    for metric in ("precision", "recall", "f1"):
+        for average, value in (report.get(metric) or {}).items():
+            if value is not None:
+                flat[f"{metric}_{average}"] = float(value)
+    for key in ("top_k_accuracy", "roc_auc"):
+        block = report.get(key)
+        if isinstance(block, dict) and block.get("value") is not None:
+            flat[key] = float(block["value"])
+    return flat
+
+
+def compare_with_training(report: dict[str, Any], card_test_metrics: dict[str, Any], task: str) -> None:
+    """Add ``training`` (the card's test metrics) and ``difference`` (now minus then) to the report."""
+    training = {
+        key: float(value)
+        for key, value in card_test_metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+    ours = flat_scores(report)
+    aliases = _CARD_ALIASES.get(task, {})
+    difference = {}
+    for key, then in training.items():
+        now = ours.get(key, ours.get(aliases.get(key, "")))
+        if now is not None:
+            difference[key] = now - then
+    report["training"] = training
+    report["difference"] = difference
+
+
+class Evaluation:
+    """One evaluation of one model: feed chunks, then `report()`."""
+
+    def __init__(
+        self,
+        model: Any,
+        options: EvaluationOptions,
+        infer: InferFn,
+        *,
+        piece_rows: int = 64,
+        max_inflight_chunks: int = 2,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        """Prepare the accumulators for ``model`` (a `LoadedModel` or anything with its attributes).
+
+        Args:
+            model: the model; its ``task``, ``labels``, ``inputs`` and ``card`` are read.
+            options: zero_division, top_k, pos_label.
+            infer: runs the model on a dict of input arrays and returns its outputs for those rows.
+            piece_rows: rows per ``infer`` call (the batcher's batch size, so a long evaluation never
+                occupies the model for longer than one batch while `/predict` waits).
+            max_inflight_chunks: chunks read ahead while earlier ones are in the model.
+            progress: called with the number of rows scored after each chunk.
+        """
+        self.model = model
+        self.schema = Schema.of(model)
+        self.options = options
+        self.infer = infer
+        self.piece_rows = max(1, piece_rows)
+        self.max_inflight_chunks = max(1, max_inflight_chunks)
+        self.progress = progress
+        self.accumulator: ClassificationAccumulator | RegressionAccumulator
+        if self.schema.classification:
+            labels = self.schema.labels or ()
+            k = options.top_k if options.top_k is not None else default_top_k(len(labels))
+            if k > len(labels):
+                raise InvalidInput(f"top_k {k} is more than the model's {len(labels)} classes")
+            self.accumulator = ClassificationAccumulator(
+                n_classes=len(labels), top_k=k, pos_label=resolve_pos_label(options.pos_label, labels)
+            )
+        else:
+            if options.top_k is not None or options.pos_label is not None:
+                raise InvalidInput("top_k and pos_label apply to classifiers; this model is a regressor")
+            self.accumulator = RegressionAccumulator()
+
+    async def _infer_chunk(self, chunk: Chunk) -> Tensors:
+        rows = chunk.rows
+        pieces = [
+            {name: array[start : start + self.piece_rows] for name, array in chunk.inputs.items()}
+            for start in range(0, rows, self.piece_rows)
+        ]
+        tasks = [asyncio.ensure_future(self.infer(piece)) for piece in pieces]
+        try:
+            results = await asyncio.gather(*tasks)
+        except InvalidInput as err:
+            raise InvalidInput(f"{chunk.where()}: {err.message}") from err
+        finally:
+            for task in tasks:
+                task.cancel()
+        wanted = (
+            (PROBABILITIES_OUTPUT, LABEL_INDEX_OUTPUT) if self.schema.classification else (REGRESSION_OUTPUT,)
+        )
+        return {
+            name: np.concatenate([result[name] for result in results])
+            if len(results) > 1
+            else results[0][name]
+            for name in wanted
+        }
+
+    def _count(self, chunk: Chunk, outputs: Tensors) -> None:
+        if isinstance(self.accumulator, ClassificationAccumulator):
+            self.accumulator.update(chunk.targets, outputs[LABEL_INDEX_OUTPUT], outputs[PROBABILITIES_OUTPUT])
+        else:
+            self.accumulator.update(chunk.targets, outputs[REGRESSION_OUTPUT].reshape(chunk.rows))
+
+    async def consume(self, chunks: AsyncIterator[Chunk]) -> None:
+        """Score every chunk, reading ahead while earlier chunks are in the model."""
+        inflight: deque[tuple[Chunk, asyncio.Future[Tensors]]] = deque()
+        scored = 0
+        try:
+            async for chunk in chunks:
+                inflight.append((chunk, asyncio.ensure_future(self._infer_chunk(chunk))))
+                while len(inflight) >= self.max_inflight_chunks:
+                    scored += await self._settle(inflight)
+                    self._report_progress(scored)
+            while inflight:
+                scored += await self._settle(inflight)
+                self._report_progress(scored)
+        finally:
+            for _, future in inflight:
+                future.cancel()
+
+    async def _settle(self, inflight: deque[tuple[Chunk, asyncio.Future[Tensors]]]) -> int:
+        chunk, future = inflight[0]
+        outputs = await future
+        inflight.popleft()
+        self._count(chunk, outputs)
+        return chunk.rows
+
+    def _report_progress(self, rows: int) -> None:
+        if self.progress is not None:
+            self.progress(rows)
+
+    def report(self) -> dict[str, Any]:
+        """Every score, the card's test metrics beside them and the differences."""
+        if isinstance(self.accumulator, ClassificationAccumulator):
+            scores = self.accumulator.compute(list(self.schema.labels or ()), self.options.zero_division)
+        else:
+            scores = self.accumulator.compute()
+        report: dict[str, Any] = {
+            "model": self.model.name,
+            "version": self.model.version,
+            "task": self.schema.task,
+            **scores,
+        }
+        card = getattr(self.model, "card", None)
+        test_metrics = card.metrics.test if card is not None else {}
+        compare_with_training(report, dict(test_metrics), self.schema.task)
+        return report
+
+
+async def evaluate(
+    model: Any,
+    chunks: AsyncIterator[Chunk],
+    infer: InferFn,
+    options: EvaluationOptions,
+    *,
+    piece_rows: int = 64,
+    max_inflight_chunks: int = 2,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Score ``chunks`` with ``infer`` and return the report (see `Evaluation`)."""
+    run = Evaluation(
+        model,
+        options,
+        infer,
+        piece_rows=piece_rows,
+        max_inflight_chunks=max_inflight_chunks,
+        progress=progress,
+    )
+    await run.consume(chunks)
+    return run.report()

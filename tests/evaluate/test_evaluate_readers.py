@@ -1,0 +1,240 @@
+"""Readers: every format gives the same chunks; bad input names the row."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.errors import InvalidInput
+from app.evaluate.readers import (
+    Chunk,
+    EvaluationOptions,
+    Schema,
+    csv_chunks,
+    json_chunks,
+    ndjson_chunks,
+    npz_chunks,
+    parse_json_body,
+)
+from app.model_card import TensorSpec
+
+LABELS = ("cat", "dog", "eel")
+CLF = Schema("classification", LABELS, (TensorSpec(name="features", dtype="float32", shape=[-1, 3]),))
+REG = Schema("regression", None, (TensorSpec(name="features", dtype="float32", shape=[-1, 3]),))
+IMG = Schema("classification", LABELS, (TensorSpec(name="image", dtype="float32", shape=[-1, 1, 2, 2]),))
+
+
+async def _stream(data: bytes, piece: int = 7) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), piece):
+        yield data[start : start + piece]
+
+
+def collect(gen: AsyncIterator[Chunk]) -> list[Chunk]:
+    async def run() -> list[Chunk]:
+        return [chunk async for chunk in gen]
+
+    return asyncio.run(run())
+
+
+def joined(chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray]:
+    name = next(iter(chunks[0].inputs))
+    return np.concatenate([c.inputs[name] for c in chunks]), np.concatenate([c.targets for c in chunks])
+
+
+X = np.arange(21, dtype=np.float32).reshape(7, 3) / 4
+Y_NAMES = ["cat", "dog", "eel", "dog", "cat", "cat", "eel"]
+Y_INDEX = np.array([LABELS.index(y) for y in Y_NAMES])
+
+
+def csv_bytes(label_first: bool = False, labels: list[Any] = Y_NAMES) -> bytes:
+    lines = ["label,a,b,c" if label_first else "a,b,c,label"]
+    for row, y in zip(X, labels, strict=True):
+        values = ",".join(repr(float(v)) for v in row)
+        lines.append(f"{y},{values}" if label_first else f"{values},{y}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def ndjson_bytes(labels: list[Any] = Y_NAMES) -> bytes:
+    import orjson
+
+    return b"\n".join(
+        orjson.dumps({"input": row.tolist(), "label": y}) for row, y in zip(X, labels, strict=True)
+    )
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 100])
+def test_all_formats_agree(chunk_rows: int) -> None:
+    request = parse_json_body(
+        __import__("orjson").dumps({"model": "m", "inputs": X.tolist(), "labels": Y_NAMES})
+    )
+    results = [
+        collect(json_chunks(request, CLF, chunk_rows)),
+        collect(ndjson_chunks(_stream(ndjson_bytes()), CLF, chunk_rows)),
+        collect(csv_chunks(_stream(csv_bytes()), CLF, "label", chunk_rows)),
+        collect(csv_chunks(_stream(csv_bytes(label_first=True)), CLF, None, chunk_rows)),
+        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=np.array(Y_NAMES))), CLF, chunk_rows)),
+        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=Y_INDEX)), CLF, chunk_rows)),
+    ]
+    for chunks in results:
+        x, y = joined(chunks)
+        np.testing.assert_array_equal(x, X)
+        np.testing.assert_array_equal(y, Y_INDEX)
+        assert [c.first_row for c in chunks] == list(range(1, 8, chunk_rows))
+
+
+def test_indices_and_quoted_csv_and_crlf() -> None:
+    data = csv_bytes(labels=[str(i) for i in Y_INDEX]).replace(b"\n", b"\r\n")
+    x, y = joined(collect(csv_chunks(_stream(data), CLF)))
+    np.testing.assert_array_equal(y, Y_INDEX)
+    quoted = b'"a","b","c","label"\n"1.0",2,3,"dog"\n'
+    x, y = joined(collect(csv_chunks(_stream(quoted), CLF)))
+    assert y.tolist() == [1]
+    assert x.tolist() == [[1.0, 2.0, 3.0]]
+
+
+def test_json_indices_and_multi_chunk_kind_state() -> None:
+    request = parse_json_body(b'{"model": "m", "inputs": [[1,2,3],[4,5,6]], "labels": [2, 0]}')
+    _, y = joined(collect(json_chunks(request, CLF, 1)))
+    assert y.tolist() == [2, 0]
+
+
+def test_image_rows_may_be_flat() -> None:
+    request = parse_json_body(
+        b'{"model": "m", "inputs": [[1,2,3,4],[[[5,6],[7,8]]]], "labels": ["cat", "eel"]}'
+    )
+    with pytest.raises(InvalidInput, match="row 2"):
+        collect(json_chunks(request, IMG, 10))
+    request = parse_json_body(b'{"model": "m", "inputs": [[1,2,3,4],[5,6,7,8]], "labels": ["cat", "eel"]}')
+    (chunk,) = collect(json_chunks(request, IMG, 10))
+    assert chunk.inputs["image"].shape == (2, 1, 2, 2)
+
+
+def test_regression_targets() -> None:
+    data = b"a,b,c,y\n1,2,3,0.5\n4,5,6,-2\n"
+    (chunk,) = collect(csv_chunks(_stream(data), REG, "y"))
+    assert chunk.targets.tolist() == [0.5, -2.0]
+    with pytest.raises(InvalidInput, match="row 2: label 'x' is not a number"):
+        collect(csv_chunks(_stream(b"a,b,c,y\n1,2,3,0.5\n4,5,6,x\n"), REG, "y"))
+
+
+BAD_CASES = [
+    # (format, body, message pattern)
+    (
+        "json",
+        b'{"model": "m", "inputs": [[1,2,3],[1,2,3]], "labels": ["cat", "cow"]}',
+        r"row 2: label 'cow' is not among",
+    ),
+    (
+        "json",
+        b'{"model": "m", "inputs": [[1,2,3],[1,2,3]], "labels": ["cat", 1]}',
+        r"row 2: .*mixed label types",
+    ),
+    (
+        "json",
+        b'{"model": "m", "inputs": [[1,2,3],[1,2,3]], "labels": [0, 3]}',
+        r"row 2: label 3 is not among",
+    ),
+    (
+        "json",
+        b'{"model": "m", "inputs": [[1,2,3],[1,2,3]], "labels": ["cat"]}',
+        r"different lengths \(2 vs 1\): row 2 has no label",
+    ),
+    ("json", b'{"model": "m", "inputs": [], "labels": []}', r"empty"),
+    ("json", b'{"model": "m", "inputs": [[1,2,3],[1,2]], "labels": [0, 1]}', r"row 2: .*shape \[2\]"),
+    (
+        "json",
+        b'{"model": "m", "inputs": [[1,2,3],[1,"x",3]], "labels": [0, 1]}',
+        r"row 2: input 'features' is not an array",
+    ),
+    (
+        "json",
+        b'{"model": "m", "inputs": [[1,2,3],[1,2,3]], "labels": [0, 1.5]}',
+        r"row 2: label 1.5 must be a class name",
+    ),
+    (
+        "ndjson",
+        b'{"input": [1,2,3], "label": "cat"}\n\n{"input": [1,2,3], "label": 0}\n',
+        r"row 2: .*mixed label types",
+    ),
+    (
+        "ndjson",
+        b'{"input": [1,2,3], "label": "cat"}\n{"input": [1,2,3]}\n',
+        r"row 2 \(line 2\): expected an object",
+    ),
+    ("ndjson", b'{"input": [1,2,3], "label": "cat"}\n{oops\n', r"row 2 \(line 2\): not valid JSON"),
+    ("ndjson", b"\n\n", r"empty"),
+    ("csv", b"a,b,c,label\n1,2,3,cat\n1,2,dog\n", r"row 2: 3 columns, but the header has 4"),
+    ("csv", b"a,b,c,label\n1,2,3,cat\n1,2,3,cat\n1,x,3,cat\n", r"row 3: column 'b': 'x' is not a number"),
+    ("csv", b"a,b,c,label\n1,2,3,cat\n1,,3,cat\n", r"row 2: column 'b': '' is not a number"),
+    ("csv", b"a,b,c,target\n1,2,3,cat\n", r"no label column 'label' \(columns: a, b, c, target\)"),
+    ("csv", b"a,b,c,label\n1,2,3,cat\n1,2,3,2\n", r"row 2: .*mixed label types"),
+    ("csv", b"a,b,c,label\n1,2,3,cat\n1,2,3,horse\n", r"row 2: label 'horse' is not among"),
+    ("csv", b"a,b,c,label\n", r"empty"),
+    ("csv", b"", r"empty"),
+    (
+        "csv",
+        b"a,b,c,label\n1,2,3,cat\n1,nan,3,cat\n",
+        r"row 2: input 'features' has a value that is not finite",
+    ),
+    ("csv", b"a,b,label\n1,2,cat\n", r"row 1: input 'features' has shape \[2\]"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "body", "pattern"), BAD_CASES)
+def test_bad_input_names_the_row(fmt: str, body: bytes, pattern: str) -> None:
+    with pytest.raises(InvalidInput, match=pattern):
+        read_all(fmt, body)
+
+
+def read_all(fmt: str, body: bytes) -> list[Chunk]:
+    if fmt == "json":
+        return collect(json_chunks(parse_json_body(body), CLF, 1))
+    if fmt == "ndjson":
+        return collect(ndjson_chunks(_stream(body), CLF, 1))
+    return collect(csv_chunks(_stream(body), CLF, None, 2))
+
+
+def test_npz_bad_input() -> None:
+    with pytest.raises(InvalidInput, match=r"different lengths \(7 vs 6\): row 7 has no label"):
+        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=Y_INDEX[:6])), CLF))
+    with pytest.raises(InvalidInput, match="no 'labels' array"):
+        collect(npz_chunks(_stream(npz_bytes(inputs=X)), CLF))
+    with pytest.raises(InvalidInput, match="not an NPZ archive"):
+        collect(npz_chunks(_stream(b"not a zip"), CLF))
+    with pytest.raises(InvalidInput, match="row 3: label 7 is not among"):
+        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=np.array([0, 1, 7, 0, 0, 0, 0]))), CLF, 2))
+    with pytest.raises(InvalidInput, match="empty"):
+        collect(npz_chunks(_stream(b""), CLF))
+    with pytest.raises(InvalidInput, match="object array"):
+        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=np.array(Y_NAMES, dtype=object))), CLF))
+
+
+def test_npz_compressed_and_fortran_order_and_spooled() -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, inputs=np.asfortranarray(X), labels=Y_INDEX)
+    x, y = joined(collect(npz_chunks(_stream(buffer.getvalue(), 1000), CLF, 2, spool_memory_bytes=10)))
+    np.testing.assert_array_equal(x, X)
+    np.testing.assert_array_equal(y, Y_INDEX)
+
+
+def test_json_envelope_errors() -> None:
+    with pytest.raises(InvalidInput, match="unknown field"):
+        parse_json_body(b'{"model": "m", "inputs": [], "labels": [], "label": 1}')
+    with pytest.raises(InvalidInput, match="no 'labels' field"):
+        parse_json_body(b'{"model": "m", "inputs": []}')
+    with pytest.raises(InvalidInput, match="not valid JSON"):
+        parse_json_body(b"{")
+    with pytest.raises(InvalidInput, match="top_k"):
+        EvaluationOptions.parse(top_k=0)
+    assert EvaluationOptions.parse("nan", "3", "dog") == EvaluationOptions("nan", 3, "dog")
