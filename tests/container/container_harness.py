@@ -1,4 +1,4 @@
-"""Podman plumbing for the container tests (`make container-test`).
+"""Podman plumbing for the container tests (`make container-test`): helpers and session fixtures.
 
 What works on these machines is written down in `../shared/notes/CONTAINERS.md`; this file does exactly
 that, so that CI (root, fresh machine) needs nothing installed beforehand:
@@ -238,7 +238,7 @@ class RunningContainer:
         return self.podman.run("exec", self.cid, *cmd, check=False)
 
 
-def http(
+def http_request(
     method: str, url: str, body: object | None = None, timeout: float = 30
 ) -> tuple[int, dict[str, str], bytes]:
     """One HTTP exchange with the stdlib (no client library can hide a wrong status)."""
@@ -262,7 +262,7 @@ def _wait_ready(container: RunningContainer, deadline_s: float) -> None:
         if state not in {"running", "created", "configured"}:
             pytest.fail(f"container stopped while starting ({state}); logs:\n{container.logs()[-4000:]}")
         with contextlib.suppress(OSError):
-            status, _, body = http("GET", url, timeout=2)
+            status, _, body = http_request("GET", url, timeout=2)
             if status == 200:
                 return
             last = f"{status} {body[:200]!r}"
