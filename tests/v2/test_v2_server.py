@@ -459,3 +459,41 @@ def test_repository_extension_is_off_by_default(model_repository: Path) -> None:
             assert response.status_code == 403
             assert "MODELSERVE_ENABLE_REPOSITORY_API=true" in response.json()["error"]
         assert http.get("/v2/models/clf/ready").status_code == 200  # nothing was unloaded
+
+
+def test_binary_inputs_reach_the_core_as_views_over_the_body(repository: Path) -> None:
+    app = create_app(Settings(model_repository=repository, access_log=False))
+    seen: dict[str, np.ndarray] = {}
+    with TestClient(app) as http:
+        dataplane = app.state.dataplane
+        original = dataplane.infer
+
+        async def spy(model, inputs, **kwargs):  # type: ignore[no-untyped-def]
+            seen.update(inputs)
+            return await original(model, inputs, **kwargs)
+
+        dataplane.infer = spy
+        arrays = dtype_samples(rows=4, seed=6)
+        body, header_length = triton.InferenceServerClient.generate_request_body(
+            infer_inputs(arrays, binary=True)
+        )
+        response = http.post(
+            "/v2/models/dtypes/infer",
+            content=body,
+            headers={"Inference-Header-Content-Length": str(header_length)},
+        )
+        assert response.status_code == 200
+
+        bodies = set()
+        for datatype, array in arrays.items():
+            got = seen[f"in_{datatype}"]
+            np.testing.assert_array_equal(got, array)
+            assert not got.flags.owndata
+            base = got
+            while isinstance(base, np.ndarray):
+                base = base.base
+            assert isinstance(base, bytes)  # the request body itself: no copy was made
+            bodies.add(id(base))
+            model = dataplane.get_model("dtypes")
+            assert np.shares_memory(model.validate_inputs(seen)[f"in_{datatype}"], got)  # the core keeps it
+        assert len(bodies) == 1
