@@ -16,6 +16,7 @@ from app.api.openapi import add_raw_route, install_openapi
 from app.api.predict import PredictEndpoint
 from app.api.schemas import PREDICT_OPERATION, PREDICT_SCHEMAS
 from app.dataplane import DataPlane
+from app.evaluate import routes as evaluate_routes
 from app.http_errors import install_exception_handlers
 from app.middleware import RequestContextMiddleware
 from app.observability import Metrics
@@ -75,4 +76,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.router)
     # Routers of the other parts, one line each:
     app.include_router(v2_routes.router)
+    evaluate_routes.install(app)
     return app

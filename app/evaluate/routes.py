@@ -1,0 +1,244 @@
+"""`POST /evaluate` as a raw ASGI endpoint: a JSON body, or a streamed NDJSON / CSV / NPZ upload.
+
+The body is never handed to FastAPI: a JSON body is read whole (bounded by the body limit) and parsed by
+orjson; a streamed upload is read from the ASGI ``receive`` channel chunk by chunk, so a million-row CSV
+is scored in bounded memory. A streamed body names the model (and, for CSV, the label column) in the
+query string: ``POST /evaluate?model=digits&label_column=label``. Each chunk goes through
+`DataPlane.infer(..., background=True)`, the same batcher as `/predict`, in pieces of one batch, so
+`/predict` rows are served first.
+
+After every evaluation ``modelserve_evaluation_score{model,metric}`` holds its scalar scores.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from typing import Any
+from urllib.parse import parse_qs
+
+import numpy as np
+import orjson
+from fastapi import FastAPI
+
+from app.api.asgi import ClientDisconnected, Receive, Scope, Send, header, read_body, send_json
+from app.api.openapi import add_raw_route
+from app.dataplane import DataPlane
+from app.errors import InvalidInput, UnsupportedMediaType
+from app.evaluate.readers import (
+    ByteStream,
+    Chunk,
+    EvaluationOptions,
+    Schema,
+    csv_chunks,
+    json_chunks,
+    ndjson_chunks,
+    npz_chunks,
+    parse_json_body,
+    parse_version,
+)
+from app.evaluate.runner import Tensors, evaluate, flat_scores
+from app.http_errors import error_parts, reason_for
+from app.observability import UNKNOWN_MODEL, Metrics
+from app.settings import Settings
+
+ENDPOINT = "/evaluate"
+STREAM_CHUNK_ROWS = 512
+"""Rows parsed per step of a streamed upload: small enough that parsing one never holds the event loop
+for long (a `/predict` waits at most one step), large enough to amortise numpy's per-call costs."""
+MAX_UPLOAD_BYTES = 64 * 1024**3
+"""Largest NPZ upload spooled to disk (text formats are never stored, so they have no limit)."""
+DRAIN_AFTER_ERROR_BYTES = 64 * 1024**2
+"""After an early error, read (and drop) up to this much of the rest of the upload so that the client,
+still sending, gets the answer instead of a reset connection."""
+
+JSON_TYPES = frozenset({"application/json"})
+NDJSON_TYPES = frozenset(
+    {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
+)
+CSV_TYPES = frozenset({"text/csv", "application/csv"})
+NPZ_TYPES = frozenset({"application/x-npz", "application/octet-stream", "application/zip"})
+QUERY_KEYS = frozenset({"model", "version", "label_column", "zero_division", "top_k", "pos_label"})
+
+
+class _Body:
+    """The request body as an async byte stream that remembers whether it was read to the end."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.done = False
+
+    async def stream(self) -> ByteStream:
+        while not self.done:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            self.done = not message.get("more_body", False)
+            body: bytes = message.get("body", b"")
+            if body:
+                yield body
+
+    async def drain(self, limit: int) -> None:
+        """Read and drop the rest of the body, up to ``limit`` bytes."""
+        size = 0
+        async for piece in self.stream():
+            size += len(piece)
+            if size > limit:
+                return
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    raw = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    unknown = sorted(set(raw) - QUERY_KEYS)
+    if unknown:
+        raise InvalidInput(f"unknown query parameter(s) {unknown}; expected {sorted(QUERY_KEYS)}")
+    return {key: values[-1] for key, values in raw.items()}
+
+
+def _media_type(scope: Scope) -> str | None:
+    value = header(scope, b"content-type")
+    if value is None:
+        return None
+    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+class EvaluateEndpoint:
+    """The raw ASGI app behind `POST /evaluate`."""
+
+    def __init__(self, dataplane: DataPlane, metrics: Metrics, settings: Settings) -> None:
+        """Bind the core, the metrics and the limits."""
+        self.dataplane = dataplane
+        self.metrics = metrics
+        self.settings = settings
+        self._inflight = metrics.inflight_requests.labels(endpoint=ENDPOINT)
+
+    async def _infer(self, model: Any, inputs: Tensors) -> Tensors:
+        outputs: Tensors = await self.dataplane.infer(model, dict(inputs), background=True)
+        return outputs
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one request (every error becomes its JSON answer here; nothing propagates)."""
+        started = time.perf_counter()
+        label = UNKNOWN_MODEL
+        body = _Body(receive)
+        self._inflight.inc()
+        try:
+            model, options, chunks = await self._open(scope, receive, body)
+            label = model.name
+            async with aclosing(chunks):
+                report = await evaluate(
+                    model,
+                    chunks,
+                    lambda inputs: self._infer(model, inputs),
+                    options,
+                    piece_rows=self.settings.max_batch_rows,
+                )
+            self._publish(model.name, report)
+            status, payload, headers = 200, orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY), None
+        except ClientDisconnected:
+            self._inflight.dec()
+            return
+        except Exception as exc:
+            status, payload, headers = error_parts(exc)
+            self.metrics.request_failures.labels(model=label, reason=reason_for(exc)).inc()
+            if not body.done:
+                try:
+                    await body.drain(DRAIN_AFTER_ERROR_BYTES)
+                except ClientDisconnected:
+                    self._inflight.dec()
+                    return
+        self._inflight.dec()
+        await send_json(send, status, payload, headers)
+        self.metrics.request_duration.labels(endpoint=ENDPOINT, model=label, status=str(status)).observe(
+            time.perf_counter() - started
+        )
+
+    async def _open(self, scope: Scope, receive: Receive, body: _Body) -> tuple[Any, EvaluationOptions, Any]:
+        """Pick the reader for the content type; find the model; parse the options."""
+        media = _media_type(scope)
+        query = _query(scope)
+        if media is None or media in JSON_TYPES or media.endswith("+json"):
+            raw = await read_body(scope, receive, self.settings.max_body_bytes)
+            body.done = True
+            request = parse_json_body(raw)
+            model = self.dataplane.get_model(request.model, request.version)
+            return model, request.options, json_chunks(request, Schema.of(model))
+        if media not in NDJSON_TYPES | CSV_TYPES | NPZ_TYPES:
+            raise UnsupportedMediaType(
+                f"content type {media!r} is not supported; send application/json, application/x-ndjson, "
+                "text/csv or application/x-npz"
+            )
+        name = query.get("model")
+        if not name:
+            raise InvalidInput(
+                "a streamed body names its model in the query string: POST /evaluate?model=<name>"
+            )
+        model = self.dataplane.get_model(name, parse_version(query.get("version")))
+        options = EvaluationOptions.parse(
+            query.get("zero_division"), query.get("top_k"), query.get("pos_label")
+        )
+        schema = Schema.of(model)
+        stream = body.stream()
+        chunks: Any
+        if media in NDJSON_TYPES:
+            chunks = ndjson_chunks(stream, schema, STREAM_CHUNK_ROWS)
+        elif media in CSV_TYPES:
+            chunks = csv_chunks(stream, schema, query.get("label_column") or None, STREAM_CHUNK_ROWS)
+        else:
+            chunks = npz_chunks(stream, schema, STREAM_CHUNK_ROWS, max_bytes=MAX_UPLOAD_BYTES)
+        return model, options, chunks
+
+    def _publish(self, model: str, report: dict[str, Any]) -> None:
+        """Set ``modelserve_evaluation_score{model,metric}`` for every scalar score of the report."""
+        for metric, value in flat_scores(report).items():
+            if np.isfinite(value):
+                self.metrics.evaluation_score.labels(model=model, metric=metric).set(value)
+
+
+EVALUATE_OPERATION: dict[str, Any] = {
+    "summary": "Evaluate",
+    "description": (
+        "Score labelled rows with a model, as scikit-learn would. Body: JSON "
+        '`{"model", "inputs", "labels", "version"?, "zero_division"?, "top_k"?, "pos_label"?}`, or a '
+        'streamed NDJSON (`application/x-ndjson`, one `{"input", "label"}` per line), CSV (`text/csv`, '
+        "header row, label column named by `label_column`, default `label`) or NPZ (`application/x-npz`, "
+        "arrays `inputs` and `labels`) upload whose model is named in the query string."
+    ),
+    "operationId": "evaluate",
+    "tags": ["evaluation"],
+    "parameters": [
+        {"name": key, "in": "query", "required": False, "schema": {"type": "string"}}
+        for key in sorted(QUERY_KEYS)
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/x-ndjson": {"schema": {"type": "string"}},
+            "text/csv": {"schema": {"type": "string"}},
+            "application/x-npz": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "200": {"description": "The report: scores, the card's test metrics and the differences"},
+        "400": {"description": "Invalid data; the message names the row"},
+        "404": {"description": "Unknown model or version"},
+        "413": {"description": "Body too large"},
+        "415": {"description": "Unsupported content type"},
+        "503": {"description": "Model not ready"},
+    },
+}
+
+
+def install(app: FastAPI) -> None:
+    """Mount `POST /evaluate` on an app built by `create_app` (reads ``app.state``)."""
+    add_raw_route(
+        app,
+        ENDPOINT,
+        EvaluateEndpoint(app.state.dataplane, app.state.metrics, app.state.settings),
+        methods=["POST"],
+        operation=EVALUATE_OPERATION,
+    )
+
+
+__all__ = ["Chunk", "EvaluateEndpoint", "install"]
