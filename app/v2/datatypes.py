@@ -38,6 +38,11 @@ _KIND_SIZE_TO_DATATYPE: Final[dict[tuple[str, int], str]] = {
     if datatype != BYTES
 }
 
+#: Fast path for the dtypes arrays usually have (native byte order).
+_DTYPE_TO_DATATYPE: Final[dict[np.dtype[np.generic], str]] = {
+    dtype.newbyteorder("="): datatype for datatype, dtype in DATATYPE_TO_DTYPE.items() if datatype != BYTES
+}
+
 #: V2 datatype → Triton model-config `data_type` (BYTES is TYPE_STRING there).
 DATATYPE_TO_CONFIG_TYPE: Final[dict[str, str]] = {
     datatype: "TYPE_STRING" if datatype == BYTES else f"TYPE_{datatype}" for datatype in DATATYPE_TO_DTYPE
@@ -59,6 +64,10 @@ def to_datatype(dtype: np.dtype[np.generic] | str | type) -> str:
     Raises:
         ValueError: the dtype has no V2 datatype (complex, datetime, ...).
     """
+    if isinstance(dtype, np.dtype):
+        known = _DTYPE_TO_DATATYPE.get(dtype)
+        if known is not None:
+            return known
     resolved = np.dtype(dtype)
     if resolved.kind in "OSU":
         return BYTES

@@ -80,95 +80,8 @@ def _route(method: str, *paths: str) -> Callable[[Handler], Handler]:
     return register
 
 
-# ---------------------------------------------------------------------------------------- server + models
-
-
-@_route("GET", "/v2")
-async def server_metadata(request: Request) -> Response:
-    """Name, version and the protocol extensions this server speaks."""
-    extensions = list(EXTENSIONS)
-    if _settings(request).enable_repository_api:
-        extensions.append(REPOSITORY_EXTENSION)
-    return _json({"name": SERVER_NAME, "version": __version__, "extensions": extensions})
-
-
-# Before `/v2/models/{model}`, which would otherwise take "stats" for a model name.
-@_route("GET", "/v2/models/stats")
-async def all_statistics(request: Request) -> Response:
-    """Triton-style inference statistics of every ready model version."""
-    dataplane = _dataplane(request)
-    totals = _MetricTotals(dataplane.metrics)
-    stats = [
-        _statistics(dataplane.get_model(status.name, status.version), totals)
-        for status in dataplane.models()
-        if status.state == "ready"
-    ]
-    return _json({"model_stats": stats})
-
-
-@_route("GET", "/v2/models/{model}", "/v2/models/{model}/versions/{version}")
-async def model_metadata(request: Request) -> Response:
-    """Platform, versions, and every input and output with its datatype and shape (-1 = variable)."""
-    dataplane = _dataplane(request)
-    model = _model(request, dataplane)
-    versions = [
-        str(status.version)
-        for status in dataplane.models()
-        if status.name == model.name and status.state == "ready"
-    ]
-    return _json(
-        {
-            "name": model.name,
-            "versions": versions,
-            "platform": PLATFORM,
-            "inputs": [_tensor_metadata(spec) for spec in model.inputs],
-            "outputs": [_tensor_metadata(spec) for spec in model.outputs],
-        }
-    )
-
-
-@_route("GET", "/v2/models/{model}/ready", "/v2/models/{model}/versions/{version}/ready")
-async def model_ready(request: Request) -> Response:
-    """200 `{"ready": true}` when the version can answer; 404 unknown, 503 loading, failed or unloaded."""
-    model = _model(request, _dataplane(request))
-    return _json({"name": model.name, "version": str(model.version), "ready": True})
-
-
-@_route("GET", "/v2/models/{model}/config", "/v2/models/{model}/versions/{version}/config")
-async def model_config(request: Request) -> Response:
-    """A Triton-style model configuration (`dims` leave out the batch axis that `max_batch_size` bounds)."""
-    dataplane = _dataplane(request)
-    model = _model(request, dataplane)
-    settings = dataplane.settings
-    max_batch_size = settings.max_batch_rows if model.batchable else 0
-    config: dict[str, Any] = {
-        "name": model.name,
-        "platform": PLATFORM,
-        "backend": BACKEND,
-        "version_policy": {"latest": {"num_versions": 1}},
-        "max_batch_size": max_batch_size,
-        "input": [_tensor_config(spec, batched=max_batch_size > 0) for spec in model.inputs],
-        "output": [_tensor_config(spec, batched=max_batch_size > 0) for spec in model.outputs],
-        "parameters": {"task": {"string_value": model.task}},
-    }
-    if model.labels:
-        config["parameters"]["labels"] = {"string_value": orjson.dumps(model.labels).decode()}
-    if settings.batching and max_batch_size > 0:
-        config["dynamic_batching"] = {
-            "max_queue_delay_microseconds": round(settings.max_batch_delay_seconds * 1e6),
-        }
-    return _json(config)
-
-
-@_route("GET", "/v2/models/{model}/stats", "/v2/models/{model}/versions/{version}/stats")
-async def model_statistics(request: Request) -> Response:
-    """Triton-style inference statistics: counts, and queue and compute time in nanoseconds."""
-    dataplane = _dataplane(request)
-    model = _model(request, dataplane)
-    return _json({"model_stats": [_statistics(model, _MetricTotals(dataplane.metrics))]})
-
-
 # ------------------------------------------------------------------------------------------------ infer
+# First in the router: the hot path is matched before the other V2 routes.
 
 
 @_route("POST", "/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
@@ -265,6 +178,94 @@ def _output(
         array = classify(array, requested.class_count, labels)
     binary = binary_default if requested.binary is None else requested.binary
     return OutputTensor(requested.name, array, binary)
+
+
+# ---------------------------------------------------------------------------------------- server + models
+
+
+@_route("GET", "/v2")
+async def server_metadata(request: Request) -> Response:
+    """Name, version and the protocol extensions this server speaks."""
+    extensions = list(EXTENSIONS)
+    if _settings(request).enable_repository_api:
+        extensions.append(REPOSITORY_EXTENSION)
+    return _json({"name": SERVER_NAME, "version": __version__, "extensions": extensions})
+
+
+# Before `/v2/models/{model}`, which would otherwise take "stats" for a model name.
+@_route("GET", "/v2/models/stats")
+async def all_statistics(request: Request) -> Response:
+    """Triton-style inference statistics of every ready model version."""
+    dataplane = _dataplane(request)
+    totals = _MetricTotals(dataplane.metrics)
+    stats = [
+        _statistics(dataplane.get_model(status.name, status.version), totals)
+        for status in dataplane.models()
+        if status.state == "ready"
+    ]
+    return _json({"model_stats": stats})
+
+
+@_route("GET", "/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+async def model_metadata(request: Request) -> Response:
+    """Platform, versions, and every input and output with its datatype and shape (-1 = variable)."""
+    dataplane = _dataplane(request)
+    model = _model(request, dataplane)
+    versions = [
+        str(status.version)
+        for status in dataplane.models()
+        if status.name == model.name and status.state == "ready"
+    ]
+    return _json(
+        {
+            "name": model.name,
+            "versions": versions,
+            "platform": PLATFORM,
+            "inputs": [_tensor_metadata(spec) for spec in model.inputs],
+            "outputs": [_tensor_metadata(spec) for spec in model.outputs],
+        }
+    )
+
+
+@_route("GET", "/v2/models/{model}/ready", "/v2/models/{model}/versions/{version}/ready")
+async def model_ready(request: Request) -> Response:
+    """200 `{"ready": true}` when the version can answer; 404 unknown, 503 loading, failed or unloaded."""
+    model = _model(request, _dataplane(request))
+    return _json({"name": model.name, "version": str(model.version), "ready": True})
+
+
+@_route("GET", "/v2/models/{model}/config", "/v2/models/{model}/versions/{version}/config")
+async def model_config(request: Request) -> Response:
+    """A Triton-style model configuration (`dims` leave out the batch axis that `max_batch_size` bounds)."""
+    dataplane = _dataplane(request)
+    model = _model(request, dataplane)
+    settings = dataplane.settings
+    max_batch_size = settings.max_batch_rows if model.batchable else 0
+    config: dict[str, Any] = {
+        "name": model.name,
+        "platform": PLATFORM,
+        "backend": BACKEND,
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": max_batch_size,
+        "input": [_tensor_config(spec, batched=max_batch_size > 0) for spec in model.inputs],
+        "output": [_tensor_config(spec, batched=max_batch_size > 0) for spec in model.outputs],
+        "parameters": {"task": {"string_value": model.task}},
+    }
+    if model.labels:
+        config["parameters"]["labels"] = {"string_value": orjson.dumps(model.labels).decode()}
+    if settings.batching and max_batch_size > 0:
+        config["dynamic_batching"] = {
+            "max_queue_delay_microseconds": round(settings.max_batch_delay_seconds * 1e6),
+        }
+    return _json(config)
+
+
+@_route("GET", "/v2/models/{model}/stats", "/v2/models/{model}/versions/{version}/stats")
+async def model_statistics(request: Request) -> Response:
+    """Triton-style inference statistics: counts, and queue and compute time in nanoseconds."""
+    dataplane = _dataplane(request)
+    model = _model(request, dataplane)
+    return _json({"model_stats": [_statistics(model, _MetricTotals(dataplane.metrics))]})
 
 
 # ------------------------------------------------------------------------------------------- repository
