@@ -8,6 +8,7 @@ onnxruntime call returns, the oracle for end-to-end tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import threading
 import time
@@ -243,13 +244,16 @@ def build_repository(root: Path) -> Path:
     return root
 
 
+@functools.cache
+def _reference_session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 def reference_outputs(
     root: Path, name: str, version: int, inputs: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """What a direct, unbatched onnxruntime call on the model file returns: the oracle."""
-    session = ort.InferenceSession(
-        str(root / name / str(version) / ONNX_FILENAME), providers=["CPUExecutionProvider"]
-    )
+    session = _reference_session(root / name / str(version) / ONNX_FILENAME)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, inputs), strict=True))
 

@@ -1,0 +1,312 @@
+"""Batcher rules without timing flakiness: huge delays so only size can flush, a threading.Event that holds
+a batch in flight (the model runs in a worker thread), and upper-bound waits only."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.batcher import Batcher
+from app.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+
+HUGE = 1000.0  # seconds: a delay that never expires during a test
+WAIT = 5.0  # seconds: upper bound for anything that must happen "now"
+
+
+class Model:
+    """A fake model: doubles `x`, records every batch, can be held in flight and can fail on a poison row."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.poison: float | None = None
+        self.drop_a_row = False
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        self.batches.append(x.copy())
+        self.started.set()
+        assert self.gate.wait(WAIT), "test left a batch held"
+        if self.poison is not None and (x == self.poison).any():
+            raise RuntimeError("poisoned batch")
+        out = x * 2
+        return {"y": out[:-1] if self.drop_a_row else out}
+
+    def hold(self) -> None:
+        self.gate.clear()
+        self.started.clear()
+
+    async def wait_started(self) -> None:
+        assert await asyncio.to_thread(self.started.wait, WAIT)
+
+    def release(self) -> None:
+        self.gate.set()
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(b) for b in self.batches]
+
+
+def rows(n: int, start: float = 0.0) -> dict[str, np.ndarray]:
+    return {"x": (start + np.arange(n, dtype=np.float32)).reshape(n, 1)}
+
+
+def run(test: Callable[[Model], Awaitable[Any]]) -> None:
+    asyncio.run(asyncio.wait_for(test(Model()), 30))
+
+
+def make(model: Model, **kwargs: Any) -> Batcher:
+    options: dict[str, Any] = {"max_batch_rows": 4, "max_delay_seconds": HUGE, "max_queue_rows": 100}
+    options.update(kwargs)
+    batcher = Batcher(model, **options)
+    batcher.start()
+    return batcher
+
+
+async def queued(batcher: Batcher, expected_rows: int) -> None:
+    """Let submissions reach the queue (they are tasks): wait until it holds `expected_rows`."""
+    async with asyncio.timeout(WAIT):
+        while batcher.queued_rows != expected_rows:  # noqa: ASYNC110 (polls the batcher's own state)
+            await asyncio.sleep(0)
+
+
+async def submit(batcher: Batcher, inputs: dict[str, np.ndarray], **kwargs: Any) -> asyncio.Task[Any]:
+    return asyncio.create_task(batcher.submit(inputs, len(inputs["x"]), **kwargs))
+
+
+def test_idle_request_runs_at_once_despite_a_huge_delay() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model)
+        result = await asyncio.wait_for(batcher.submit(rows(3), 3), WAIT)
+        np.testing.assert_array_equal(result["y"], rows(3)["x"] * 2)
+        assert model.sizes == [3]
+        await batcher.stop()
+
+    run(body)
+
+
+def test_size_only_flush_and_exact_split() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model)
+        model.hold()
+        first = await submit(batcher, rows(1, 100))
+        await model.wait_started()
+        # While the model is busy, 3 rows wait: with a huge delay only a full batch may flush.
+        waiting = [await submit(batcher, rows(1, 10)), await submit(batcher, rows(2, 20))]
+        await queued(batcher, 3)
+        model.release()
+        await first
+        await asyncio.sleep(0.05)
+        assert model.sizes == [1], "flushed before the batch was full"
+        waiting.append(await submit(batcher, rows(1, 30)))  # the fourth row fills the batch
+        results = await asyncio.wait_for(asyncio.gather(*waiting), WAIT)
+        assert model.sizes == [1, 4]
+        for result, expected in zip(results, [rows(1, 10), rows(2, 20), rows(1, 30)], strict=True):
+            np.testing.assert_array_equal(result["y"], expected["x"] * 2)
+        await batcher.stop()
+
+    run(body)
+
+
+def test_flush_waits_the_full_delay_from_the_oldest_request() -> None:
+    delay = 0.05
+
+    async def body(model: Model) -> None:
+        loop = asyncio.get_running_loop()
+        batcher = make(model, max_delay_seconds=delay)
+        model.hold()
+        first = await submit(batcher, rows(1))
+        await model.wait_started()
+        enqueued = loop.time()
+        second = await submit(batcher, rows(1))
+        await queued(batcher, 1)
+        model.release()
+        await first
+        await asyncio.wait_for(second, WAIT)
+        assert loop.time() - enqueued >= delay  # never early (MLServer #1936)
+        assert model.sizes == [1, 1]
+        await batcher.stop()
+
+    run(body)
+
+
+def test_cancelled_waiter_is_skipped_and_frees_its_rows() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model)
+        model.hold()
+        first = await submit(batcher, rows(1))
+        await model.wait_started()
+        gone = await submit(batcher, rows(2, 50))
+        stays = await submit(batcher, rows(1, 60))
+        await queued(batcher, 3)
+        gone.cancel()
+        await queued(batcher, 1)
+        stays_more = await submit(batcher, rows(3, 70))  # 1 + 3 rows: a full batch without the cancelled one
+        model.release()
+        await first
+        result = await asyncio.wait_for(stays, WAIT)
+        await asyncio.wait_for(stays_more, WAIT)
+        np.testing.assert_array_equal(result["y"], rows(1, 60)["x"] * 2)
+        assert model.sizes == [1, 4]
+        assert not (model.batches[1] == 50).any()
+        assert gone.cancelled()
+        assert batcher.queued_rows == 0
+        await batcher.stop()
+
+    run(body)
+
+
+def test_a_failing_batch_fails_only_its_own_requests() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model)
+        model.poison = -1.0
+        model.hold()
+        first = await submit(batcher, rows(1, 5))
+        await model.wait_started()
+        bad = await submit(batcher, {"x": np.array([[-1.0]], dtype=np.float32)})
+        neighbour = await submit(batcher, rows(3, 7))
+        await queued(batcher, 4)
+        model.release()
+        np.testing.assert_array_equal((await first)["y"], rows(1, 5)["x"] * 2)
+        outcomes = await asyncio.wait_for(asyncio.gather(bad, neighbour, return_exceptions=True), WAIT)
+        assert all(isinstance(o, InferenceFailed) for o in outcomes)
+        assert outcomes[0] is not outcomes[1]  # one error object per waiter
+        after = await asyncio.wait_for(batcher.submit(rows(2, 9), 2), WAIT)  # the batcher keeps serving
+        np.testing.assert_array_equal(after["y"], rows(2, 9)["x"] * 2)
+        await batcher.stop()
+
+    run(body)
+
+
+def test_output_row_count_mismatch_fails_the_batch() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model)
+        model.drop_a_row = True
+        with pytest.raises(InferenceFailed, match="for a batch of 2 rows"):
+            await asyncio.wait_for(batcher.submit(rows(2), 2), WAIT)
+        await batcher.stop()
+
+    run(body)
+
+
+def test_oversized_request_runs_alone_and_no_batch_exceeds_the_limit() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model, max_delay_seconds=0.0)
+        alone = await asyncio.wait_for(batcher.submit(rows(10), 10), WAIT)
+        assert len(alone["y"]) == 10
+        model.hold()
+        first = await submit(batcher, rows(1))
+        await model.wait_started()
+        tasks = [await submit(batcher, rows(n, 100 * n)) for n in (2, 10, 1, 3, 2)]
+        await queued(batcher, 18)
+        model.release()
+        await first
+        results = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+        assert [len(r["y"]) for r in results] == [2, 10, 1, 3, 2]
+        assert model.sizes[:2] == [10, 1]
+        assert all(size <= 4 for size in model.sizes[2:] if size != 10)
+        assert 10 in model.sizes[2:]
+        assert sum(model.sizes[2:]) == 18
+        await batcher.stop()
+
+    run(body)
+
+
+def test_full_queue_raises_overloaded_and_the_queue_recovers() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model, max_queue_rows=3, max_delay_seconds=0.0)
+        model.hold()
+        first = await submit(batcher, rows(1))
+        await model.wait_started()
+        waiting = await submit(batcher, rows(2))
+        await queued(batcher, 2)
+        with pytest.raises(Overloaded) as excinfo:
+            await batcher.submit(rows(2), 2)
+        assert excinfo.value.retry_after_seconds >= 1
+        model.release()
+        await first
+        assert len((await asyncio.wait_for(waiting, WAIT))["y"]) == 2
+        assert len((await asyncio.wait_for(batcher.submit(rows(3), 3), WAIT))["y"]) == 3
+        await batcher.stop()
+
+    run(body)
+
+
+def test_queue_deadline_raises_deadline_exceeded() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model, queue_timeout_seconds=0.05)
+        model.hold()
+        first = await submit(batcher, rows(1))
+        await model.wait_started()
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(batcher.submit(rows(1), 1), WAIT)
+        assert batcher.queued_rows == 0
+        model.release()
+        await first
+        await batcher.stop()
+
+    run(body)
+
+
+def test_background_rows_yield_to_waiting_foreground_rows() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model, max_delay_seconds=0.0)
+        model.hold()
+        first = await submit(batcher, rows(1))
+        await model.wait_started()
+        evaluation = await submit(batcher, rows(3, 500), background=True)
+        predict = await submit(batcher, rows(2, 700))
+        await queued(batcher, 5)
+        model.release()
+        await asyncio.wait_for(asyncio.gather(first, evaluation, predict), WAIT)
+        # The foreground request queued after the background one still runs first.
+        assert (model.batches[1] == 700).any()
+        assert not (model.batches[1] == 500).any()
+        assert (model.batches[2] == 500).any()
+        await batcher.stop()
+
+    run(body)
+
+
+def test_background_waits_for_queue_space_instead_of_failing() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model, max_queue_rows=2, max_delay_seconds=0.0)
+        model.hold()
+        first = await submit(batcher, rows(1))
+        await model.wait_started()
+        a = await submit(batcher, rows(2, 10), background=True)
+        b = await submit(batcher, rows(2, 20), background=True)  # does not fit: waits, no error
+        await queued(batcher, 2)
+        assert not b.done()
+        model.release()
+        results = await asyncio.wait_for(asyncio.gather(first, a, b), WAIT)
+        np.testing.assert_array_equal(results[2]["y"], rows(2, 20)["x"] * 2)
+        await batcher.stop()
+
+    run(body)
+
+
+def test_stop_answers_waiting_requests_with_not_ready() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model)
+        model.hold()
+        first = await submit(batcher, rows(1))
+        await model.wait_started()
+        waiting = await submit(batcher, rows(1))
+        await queued(batcher, 1)
+        stopping = asyncio.create_task(batcher.stop())
+        outcomes = await asyncio.wait_for(asyncio.gather(first, waiting, return_exceptions=True), WAIT)
+        model.release()
+        await stopping
+        assert all(isinstance(o, NotReady) for o in outcomes)
+        with pytest.raises(NotReady):
+            await batcher.submit(rows(1), 1)
+
+    run(body)
