@@ -141,9 +141,11 @@ def make_sampler(
 
 
 def make_pruner(n_trials: int) -> optuna.pruners.BasePruner:
-    """The default pruner: a trial whose validation score at some epoch is worse than the median of the
-    earlier trials at that epoch is abandoned. Decisions wait for a few finished trials (a quarter of the
-    budget, 1 to 5) and skip the first epoch, whose scores say little about where a run ends up.
+    """The default pruner: median pruning on the per-epoch validation score.
+
+    A trial is abandoned when its best validation score so far is worse than the median of the completed
+    trials' scores at the same epoch. Decisions wait for a few completed trials (a quarter of the budget,
+    1 to 5) and skip the first epoch, whose scores say little about where a run ends up.
     """
     # Epochs are reported 1-based and pruning starts once a step reaches n_warmup_steps: 2 skips epoch 1.
     return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, n_trials // 4)), n_warmup_steps=2)
@@ -242,9 +244,11 @@ class SearchOutcome:
 
 
 def trials_table(trials: Sequence[FrozenTrial], space: dict[str, Param], *, best: int | None = None) -> bytes:
-    """CSV of trials: `number, state, value, duration_seconds, last_epoch, best, error`, then one column
-    per searched parameter (its dotted path; lists as JSON). `value` is the validation score a completed
-    trial ended with, or the last epoch's score of a pruned one; `last_epoch` the last epoch it reported.
+    """The trials table as CSV bytes, one row per trial.
+
+    Columns: `number, state, value, duration_seconds, last_epoch, best, error`, then one per searched
+    parameter (its dotted path; lists as JSON). `value` is the validation score a completed trial ended
+    with, or the last reported epoch's score of a pruned one; `best` marks the selected trial.
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -347,9 +351,11 @@ def _log_trial(n_trials: int, search: ResolvedSearch) -> Callable[[optuna.Study,
             outcome = f"pruned after epoch {trial.last_step}"
         else:
             reason = trial.user_attrs.get("error", trial.state.name.lower())
-            log.warning("trial %d/%d: %s — failed: %s", trial.number + 1, n_trials, params, reason)
+            log.warning(
+                "trial %d (%d/%d): %s — failed: %s", trial.number, trial.number + 1, n_trials, params, reason
+            )
             return
-        log.info("trial %d/%d: %s — %s", trial.number + 1, n_trials, params, outcome)
+        log.info("trial %d (%d/%d): %s — %s", trial.number, trial.number + 1, n_trials, params, outcome)
 
     return callback
 

@@ -59,7 +59,8 @@ def make_config(space: dict[str, Any] | None, **search: Any) -> dict[str, Any]:
     config = dict(BASE)
     if space is not None:
         config["search"] = {"metric": "accuracy", "space": space, **search}
-    return json.loads(json.dumps(config))  # a deep copy: tests edit it freely
+    copied: dict[str, Any] = json.loads(json.dumps(config))  # a deep copy: tests edit it freely
+    return copied
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> Path:
@@ -189,6 +190,33 @@ def test_same_seed_same_search_and_the_seed_matters() -> None:
 
     assert trials(0) == trials(0)
     assert [params for params, _ in trials(0)] != [params for params, _ in trials(1)]
+
+
+def test_the_search_never_scores_the_test_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spies on the real functions: every split a trial scores is a validation split, never a test one."""
+    import trainer.fit as fit
+
+    real_prepare, real_score = fit.prepare_data, fit.score_split
+    test_splits: list[Any] = []
+    scored: list[Any] = []
+
+    def prepare(config: TrainConfig) -> Any:
+        dataset, splits = real_prepare(config)
+        test_splits.append(splits.test)
+        return dataset, splits
+
+    def score(model: Any, split: Any, n_classes: int) -> Any:
+        scored.append(split)
+        return real_score(model, split, n_classes)
+
+    monkeypatch.setattr(fit, "prepare_data", prepare)
+    monkeypatch.setattr(fit, "score_split", score)
+    config = TrainConfig.model_validate(make_config(CONTINUOUS_SPACE))
+    run_search(config, strategy="random", n_trials=2, pruner=optuna.pruners.NopPruner())
+
+    assert len(test_splits) == 2
+    assert len(scored) == 2 * EPOCHS
+    assert not any(split is test for split in scored for test in test_splits)
 
 
 # ------------------------------------------------------------------------- each strategy, end to end
