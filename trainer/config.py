@@ -71,6 +71,9 @@ class WavesConfig(_Strict):
     max_length: int = Field(80, ge=4)
     min_cycles: float = Field(1.5, gt=0, description="fewest periods in one sequence")
     max_cycles: float = Field(4.0, gt=0)
+    min_steps_per_cycle: float = Field(
+        8.0, gt=0, description="caps the cycles of short sequences so every period has this many samples"
+    )
     min_amplitude: float = Field(0.5, gt=0)
     max_amplitude: float = Field(2.0, gt=0)
     noise_std: float = Field(0.15, ge=0, description="gaussian noise, in units of the amplitude")

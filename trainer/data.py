@@ -169,7 +169,9 @@ def generate_waves(config: WavesConfig, *, seed: int) -> Dataset:
     x = np.zeros((n, config.max_length, 1), dtype=np.float32)
     for i in range(n):
         length = int(lengths[i])
-        cycles = rng.uniform(config.min_cycles, config.max_cycles)
+        # Short sequences get fewer cycles: a period of 3 samples cannot tell a sine from a triangle.
+        max_cycles = max(config.min_cycles, min(config.max_cycles, length / config.min_steps_per_cycle))
+        cycles = rng.uniform(config.min_cycles, max_cycles)
         amplitude = rng.uniform(config.min_amplitude, config.max_amplitude)
         phase = rng.uniform(0.0, 1.0) + np.arange(length) * cycles / length
         signal = wave(WAVE_KINDS[classes[i]], phase) + config.noise_std * rng.standard_normal(length)

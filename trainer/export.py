@@ -101,10 +101,7 @@ def export_onnx(
         dynamic = {names[0]: {0: batch}}
     args = tuple(torch.from_numpy(example[name]) for name in names)
     with warnings.catch_warnings(), _quiet_exporter_logs():
-        # torch 2.13's exporter trips its own pytree deprecation; nothing we can act on.
-        warnings.filterwarnings(
-            "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
-        )
+        _ignore_exporter_warnings()
         torch.onnx.export(
             graph,
             args,
@@ -121,6 +118,24 @@ def export_onnx(
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+
+
+# Warnings torch 2.13's exporter raises about its own internals (checked harmless: parity still holds).
+EXPORTER_WARNINGS = (
+    (FutureWarning, r".*isinstance\(treespec, LeafSpec\)"),  # its own pytree deprecation
+    (FutureWarning, r"_check_is_size will be removed"),  # its own symbolic-shape helper
+    (
+        UserWarning,
+        r"The tensor attributes .*_flat_weights.* were assigned during export",
+    ),  # nn.GRU/LSTM internals
+    (UserWarning, r"# The axis name: .* will not be used"),  # one Dim shared by sequence and mask
+    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf"),  # dynamo probing RNN weights
+)
+
+
+def _ignore_exporter_warnings() -> None:
+    for category, message in EXPORTER_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 @contextlib.contextmanager

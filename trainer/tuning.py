@@ -162,7 +162,9 @@ def suggest_overrides(trial: optuna.Trial, space: dict[str, Param]) -> dict[str,
         if isinstance(spec, FloatParam):
             overrides[path] = trial.suggest_float(path, spec.low, spec.high, log=spec.log)
         elif isinstance(spec, IntParam):
-            overrides[path] = trial.suggest_int(path, spec.low, spec.high, step=spec.step)
+            # The last value on the step grid: optuna warns (and does the same) when high is off the grid.
+            high = spec.high - (spec.high - spec.low) % spec.step
+            overrides[path] = trial.suggest_int(path, spec.low, high, step=spec.step)
         else:
             encoded = [_encode_choice(choice) for choice in spec.choices]
             picked = trial.suggest_categorical(path, encoded)
