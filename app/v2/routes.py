@@ -245,7 +245,7 @@ async def model_config(request: Request) -> Response:
         "name": model.name,
         "platform": PLATFORM,
         "backend": BACKEND,
-        "version_policy": {"latest": {"num_versions": 1}},
+        "version_policy": {"all": {}},  # every version in the repository is served
         "max_batch_size": max_batch_size,
         "input": [_tensor_config(spec, batched=max_batch_size > 0) for spec in model.inputs],
         "output": [_tensor_config(spec, batched=max_batch_size > 0) for spec in model.outputs],

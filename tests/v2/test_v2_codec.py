@@ -6,6 +6,7 @@ reader reads our encoder's output.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
 import zlib
@@ -406,3 +407,53 @@ def test_decompression_is_bounded_and_checked() -> None:
 )
 def test_accept_encoding_negotiation(header: str | None, chosen: str | None) -> None:
     assert compression.negotiate(header) == chosen
+
+
+# ---------------------------------------------------------------------------------- hostile input (fuzz)
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+TENSOR_HEADERS = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["x", "y", ""]),
+        "shape": st.lists(st.integers(-1, 4), max_size=3),
+        "datatype": st.sampled_from([*DATATYPE_TO_DTYPE, "FP8", 3]),
+    },
+    optional={
+        "data": JSON_VALUES,
+        "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-2, 40)}),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    header=st.fixed_dictionaries(
+        {"inputs": st.lists(TENSOR_HEADERS, max_size=3)},
+        optional={"outputs": JSON_VALUES, "parameters": JSON_VALUES, "id": JSON_VALUES},
+    ),
+    tail=st.binary(max_size=40),
+    use_length=st.booleans(),
+)
+def test_any_request_decodes_or_is_refused_with_invalid_input(
+    header: dict, tail: bytes, use_length: bool
+) -> None:
+    head = orjson.dumps(header)
+    with contextlib.suppress(InvalidInput):
+        decode_request(head + tail if use_length else head, len(head) if use_length else None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.binary(max_size=64), header_length=st.none() | st.integers(-5, 70))
+def test_random_bytes_are_refused_with_invalid_input(body: bytes, header_length: int | None) -> None:
+    with contextlib.suppress(InvalidInput):
+        decode_request(body, header_length)
