@@ -497,3 +497,17 @@ def test_binary_inputs_reach_the_core_as_views_over_the_body(repository: Path) -
             model = dataplane.get_model("dtypes")
             assert np.shares_memory(model.validate_inputs(seen)[f"in_{datatype}"], got)  # the core keeps it
         assert len(bodies) == 1
+
+
+def test_api_key_guards_the_v2_routes(model_repository: Path) -> None:
+    settings = Settings(model_repository=model_repository, access_log=False, api_key="s3cret")
+    body = orjson.dumps(
+        {"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
+    )
+    with TestClient(create_app(settings)) as http:
+        assert http.get("/v2/health/ready").status_code == 200
+        for method, path in (("GET", "/v2"), ("GET", "/v2/models/reg"), ("POST", "/v2/models/reg/infer")):
+            response = http.request(method, path, content=body if method == "POST" else None)
+            assert response.status_code == 401, path
+        ok = http.post("/v2/models/reg/infer", content=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
