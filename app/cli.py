@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from app.evaluate import cli as evaluate_cli
 from app.settings import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -100,6 +101,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve = commands.add_parser("serve", help="serve the model repository over HTTP")
     _add_settings_flags(serve)
     handlers["serve"] = _serve
+    handlers["evaluate"] = evaluate_cli.add_parser(commands)
     # Other subcommands register here, one line each: `handlers["x"] = module.add_parser(commands)`.
     return parser, handlers
 
@@ -109,3 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
     return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

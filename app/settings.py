@@ -41,8 +41,8 @@ class Settings(BaseSettings):
 
     max_batch_rows: int = Field(default=64, ge=1)
     """Most rows one onnxruntime call receives (a single larger request still runs, alone)."""
-    max_batch_delay_seconds: float = Field(default=0.002, ge=0.0)
-    """Longest the oldest queued request waits for more rows while the model is busy."""
+    max_batch_delay_seconds: float = Field(default=0.0, ge=0.0)
+    """Longest the oldest queued request waits for more rows once the model is free (0: take what waits)."""
     max_queue_rows: int = Field(default=4096, ge=1)
     """Rows that may wait per model; beyond it a request gets 503 with Retry-After."""
     queue_timeout_seconds: float = Field(default=30.0, gt=0.0)
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """onnxruntime execution providers in order of preference, comma-separated; empty = automatic."""
     intra_op_threads: int | None = Field(default=None, ge=1)
-    """Threads onnxruntime uses inside one operator; unset = CPU cores / workers."""
+    """Threads onnxruntime uses inside one operator; unset = CPU cores / (2 x workers), at least 1."""
     inter_op_threads: int = Field(default=1, ge=1)
     """Threads onnxruntime uses to run independent operators in parallel."""
 
@@ -77,8 +77,12 @@ class Settings(BaseSettings):
         return value
 
     def resolved_intra_op_threads(self) -> int:
-        """Threads per operator: the setting, or the CPU cores this process may use divided among workers."""
+        """Threads per operator: the setting, or half the CPU cores this process may use, shared by workers.
+
+        Half, because the event loop (parsing, encoding) needs cores too and several models may run at
+        once; measured on 2 cores, one caller per 1-thread session beats fewer callers on multi-threaded ones.
+        """
         if self.intra_op_threads is not None:
             return self.intra_op_threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // self.workers)
+        return max(1, cores // (2 * self.workers))
