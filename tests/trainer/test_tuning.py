@@ -137,6 +137,18 @@ def test_suggested_overrides_are_config_values() -> None:
         assert overrides["model.mlp.hidden_sizes"] in ([8], [16, 8])  # a list again, not its JSON text
 
 
+def test_an_int_range_off_its_step_grid_keeps_to_the_grid() -> None:
+    space = resolve_search(
+        TrainConfig.model_validate(
+            make_config({"optim.batch_size": {"type": "int", "low": 8, "high": 30, "step": 8}})
+        )
+    ).space
+    assert grid_values(space) == {"optim.batch_size": [8, 16, 24]}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    # No optuna warning about the range (filterwarnings = error would fail the test).
+    assert {suggest_overrides(study.ask(), space)["optim.batch_size"] for _ in range(30)} == {8, 16, 24}
+
+
 def test_search_defaults_follow_the_config() -> None:
     config = TrainConfig.model_validate(make_config(GRID_SPACE))
     assert resolve_search(config).metric == "accuracy"
@@ -179,6 +191,39 @@ def test_a_hopeless_trial_is_pruned() -> None:
     assert hopeless.state == TrialState.PRUNED
     assert hopeless.last_step == 1
     assert hopeless.intermediate_values[1] < good.intermediate_values[1]
+
+
+# Each value passes the config on its own, but d_model 12 is not a multiple of nhead 8 (the transformer
+# section is validated even for an MLP, which these values do not otherwise change).
+CLASHING_SPACE: dict[str, Any] = {
+    "model.transformer.d_model": {"type": "categorical", "choices": [32, 12]},
+    "model.transformer.nhead": {"type": "categorical", "choices": [4, 8]},
+}
+
+
+def test_a_combination_the_config_rejects_fails_that_trial_only() -> None:
+    config = TrainConfig.model_validate(make_config(CLASHING_SPACE))
+    outcome = run_search(config, strategy="grid", n_trials=4)
+
+    failed = [trial for trial in outcome.study.trials if trial.state == TrialState.FAIL]
+    assert len(outcome.study.trials) == 4
+    assert [trial.params for trial in failed] == [
+        {"model.transformer.d_model": 12, "model.transformer.nhead": 8}
+    ]
+    assert "multiple of nhead" in failed[0].user_attrs["error"]
+    assert outcome.summary()["n_failed"] == 1
+    rows = list(csv.DictReader(outcome.trials_csv().decode().splitlines()))
+    assert [row["state"] for row in rows].count("FAIL") == 1
+    assert all(("multiple of nhead" in row["error"]) == (row["state"] == "FAIL") for row in rows)
+
+
+def test_a_search_where_no_trial_completes_is_an_error() -> None:
+    space = {
+        path: {"type": "categorical", "choices": spec["choices"][1:]} for path, spec in CLASHING_SPACE.items()
+    }
+    config = TrainConfig.model_validate(make_config(space))
+    with pytest.raises(ConfigError, match=r"no trial completed \(1 run\); first error: .*multiple of nhead"):
+        run_search(config, strategy="grid", n_trials=3)
 
 
 def test_same_seed_same_search_and_the_seed_matters() -> None:
