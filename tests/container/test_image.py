@@ -141,9 +141,8 @@ def test_image_facts(podman: Podman, image: BuiltImage, capsys: pytest.CaptureFi
     assert config["Entrypoint"] == ["modelserve"]
     assert config["Cmd"] == ["serve"]
     # --format docker keeps it (OCI images drop HEALTHCHECK silently).
-    healthcheck = json.loads(
-        podman.run("image", "inspect", "--format", "{{json .Healthcheck}}", image.ref).stdout or "null"
-    ) or config.get("Healthcheck")
+    inspected = json.loads(podman.run("image", "inspect", image.ref).stdout)[0]
+    healthcheck = inspected.get("Healthcheck") or config.get("Healthcheck")
     assert healthcheck, "the image lost its HEALTHCHECK"
     assert "healthcheck.py" in " ".join(healthcheck["Test"])
     with capsys.disabled():
@@ -283,25 +282,34 @@ def test_metrics_through_the_published_port(server: RunningContainer) -> None:
 
 
 def test_several_workers_merge_metrics_on_a_read_only_root(podman: Podman, image: BuiltImage) -> None:
-    """`--workers 2` keeps prometheus_client's multiprocess files under the tmpfs /tmp."""
+    """`--workers 2` keeps prometheus_client's multiprocess files under the tmpfs /tmp and merges them."""
     card = CARDS[0]
     inputs, _ = _inputs(card, 2)
     with run_container(podman, image.ref, "-e", "MODELSERVE_WORKERS=2") as container:
-        for _ in range(8):  # new connections, so both workers are likely to answer some
+        for _ in range(8):  # a new connection each time: both workers get some
             payload = {"model": card["name"], "inputs": inputs}
             assert http_request("POST", f"{container.base_url}/predict", payload)[0] == 200
+        payload = {"model": "no-such-model", "inputs": inputs}
+        assert http_request("POST", f"{container.base_url}/predict", payload)[0] == 404
         status, _, body = http_request("GET", f"{container.base_url}/metrics")
         assert status == 200
         text = body.decode()
-        for name in DESIGN_METRICS:
+        # (In multiprocess mode only metrics with a value appear: no /evaluate ran, so no scores.)
+        for name in set(DESIGN_METRICS) - {"modelserve_evaluation_score"}:
             assert f"# TYPE {name}" in text, f"/metrics lacks {name} with 2 workers"
         count = sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
             if line.startswith("modelserve_request_duration_seconds_count{")
             and "predict" in line.split("}")[0]
+            and 'status="200"' in line
         )
-        assert count >= 8, "the merged metrics miss requests answered by the other worker"
+        assert count == 8, "the merged metrics miss requests answered by the other worker"
+        # Both workers write their files in the directory the CLI made under /tmp.
+        listing = container.exec("sh", "-c", "ls /tmp/modelserve-metrics-*/")
+        assert listing.returncode == 0, listing.stderr
+        pids = {name.rsplit("_", 1)[-1].split(".")[0] for name in listing.stdout.split()}
+        assert len(pids) >= 2, listing.stdout
 
 
 # ---------------------------------------------------------------------------------------------- SIGTERM
@@ -331,7 +339,9 @@ def _half_sent_request(base_url: str, path: str, payload: dict[str, Any]) -> Ite
             conn.close()
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(podman: Podman, image: BuiltImage) -> None:
+def test_sigterm_drains_in_flight_requests_then_exits(
+    podman: Podman, image: BuiltImage, capsys: pytest.CaptureFixture[str]
+) -> None:
     card = CARDS[0]
     inputs, _ = _inputs(card, 50)
     with run_container(podman, image.ref) as container:
@@ -358,7 +368,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(podman: Podman, image: Bui
         assert "Application shutdown complete" in logs, logs[-3000:]
         assert "Finished server process" in logs, logs[-3000:]
         assert stopped_in < 30
-    print(f"[container] SIGTERM: exit {exit_code} after {stopped_in:.1f} s")
+    with capsys.disabled():
+        print(f"\n[container] SIGTERM mid-request: drained, exit {exit_code} after {stopped_in:.1f} s")
 
 
 def test_image_size_is_reasonable(image: BuiltImage) -> None:
