@@ -77,12 +77,14 @@ RUN apt-get update \
 COPY --from=gpu-builder /opt/venv /opt/venv
 COPY models /opt/modelserve/models
 COPY deploy/container/healthcheck.py /opt/modelserve/healthcheck.py
-# NVIDIA_* tell the NVIDIA container toolkit to mount the driver; the server picks CUDA/TensorRT when present.
+# NVIDIA_* tell the NVIDIA container toolkit to mount the driver. This base has CUDA and cuDNN but not
+# TensorRT: CUDA is asked for first (on a TensorRT base, put TensorrtExecutionProvider in front).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    MODELSERVE_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider \
     MODELSERVE_HOST=0.0.0.0 \
     MODELSERVE_PORT=8000 \
     MODELSERVE_MODEL_REPOSITORY=/opt/modelserve/models

@@ -117,7 +117,8 @@ def _ensure_podman_installed() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (
         ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "podman", "runc", "debootstrap"],
+        # With recommends, as in CONTAINERS.md (what was seen to work); iptables for published ports.
+        ["apt-get", "install", "-y", "-q", "podman", "runc", "debootstrap", "iptables"],
     ):
         proc = subprocess.run(
             cmd, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, check=False

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -305,10 +306,10 @@ def test_several_workers_merge_metrics_on_a_read_only_root(podman: Podman, image
             and 'status="200"' in line
         )
         assert count == 8, "the merged metrics miss requests answered by the other worker"
-        # Both workers write their files in the directory the CLI made under /tmp.
-        listing = container.exec("sh", "-c", "ls /tmp/modelserve-metrics-*/")
+        # Both workers write their value files (`<kind>_<pid>.db`) under the writable /tmp.
+        listing = container.exec("find", "/tmp", "-name", "*.db")
         assert listing.returncode == 0, listing.stderr
-        pids = {name.rsplit("_", 1)[-1].split(".")[0] for name in listing.stdout.split()}
+        pids = {Path(name).stem.rsplit("_", 1)[-1] for name in listing.stdout.split()}
         assert len(pids) >= 2, listing.stdout
 
 

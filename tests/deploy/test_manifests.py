@@ -193,14 +193,29 @@ def test_dockerfile_final_stage_is_the_hardened_runtime(served: TestClient) -> N
     assert "build-essential" not in text
 
 
-def test_dockerfile_env_names_are_settings() -> None:
-    for stage_env in (_dockerfile_env(_final_stage()),):
-        app_env = {k: v for k, v in stage_env.items() if k.startswith(ENV_PREFIX)}
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for instruction in _dockerfile_instructions():
+        if instruction[0] == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(instruction)
+    return stages
+
+
+def test_dockerfile_env_names_are_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    served = [stage for stage in _stages() if any(name == "ENTRYPOINT" for name, _ in stage)]
+    assert len(served) == 2, "a CPU and a GPU serving stage"
+    for stage in served:
+        env = _dockerfile_env(stage)
+        app_env = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
         for key in app_env:
             assert key[len(ENV_PREFIX) :].lower() in Settings.model_fields, f"Dockerfile sets unknown {key}"
         assert app_env["MODELSERVE_HOST"] == "0.0.0.0", "inside a container the server binds every interface"
-        exposed = {port.split("/")[0] for name, port in _final_stage() if name == "EXPOSE"}
+        exposed = {port.split("/")[0] for name, port in stage if name == "EXPOSE"}
         assert app_env["MODELSERVE_PORT"] in exposed
+        # The values validate as settings.
+        _settings_from_env({k: {"value": v} for k, v in app_env.items()}, monkeypatch)
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
