@@ -75,6 +75,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(routes.router)
     # Routers of the other parts, one line each:
-    app.include_router(v2_routes.router)
+    v2_routes.install(app)
     evaluate_routes.install(app)
     return app
