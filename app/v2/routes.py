@@ -10,19 +10,25 @@ The core owns `/v2/health/live` and `/v2/health/ready`.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Final
 
 import numpy as np
 import orjson
-from fastapi import APIRouter
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, multiprocess
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import request_response
+from starlette.types import Receive, Scope, Send
 
 from app import __version__
 from app.api.asgi import ClientDisconnected, read_body
+from app.api.openapi import add_raw_route
+from app.api.schemas import ErrorResponse
 from app.dataplane import DataPlane
 from app.errors import FeatureDisabled, InvalidInput, ModelServeError, NotReady
 from app.http_errors import reason_for, status_for
@@ -40,6 +46,13 @@ from app.v2.codec import (
     encode_response,
 )
 from app.v2.datatypes import DATATYPE_TO_CONFIG_TYPE, to_datatype
+from app.v2.schemas import (
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2ServerMetadata,
+)
 
 SERVER_NAME: Final = "modelserve"
 PLATFORM: Final = "onnxruntime_onnx"
@@ -68,23 +81,110 @@ _REPOSITORY_STATES: Final = {
 }
 
 Handler = Callable[[Request], Awaitable[Response]]
-router = APIRouter()
+_TAG: Final = "Open Inference Protocol (V2)"
+_ROUTES: list[tuple[str, str, Handler, dict[str, Any]]] = []
+_SCHEMAS: list[type[BaseModel]] = [
+    ErrorResponse,
+    V2InferRequest,
+    V2InferResponse,
+    V2ServerMetadata,
+    V2ModelMetadata,
+    V2ModelReady,
+]
 
 
-def _route(method: str, *paths: str) -> Callable[[Handler], Handler]:
+def install(app: FastAPI) -> None:
+    """Mount every V2 route on `app` (as plain Starlette endpoints) and document them in OpenAPI."""
+    for path, method, handler, operation in _ROUTES:
+        add_raw_route(app, path, _Endpoint(handler), methods=[method], operation=operation, schemas=_SCHEMAS)
+
+
+class _Endpoint:
+    """A request → response handler as an ASGI app (what `add_raw_route` mounts)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._app = request_response(handler)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
+def _route(
+    method: str,
+    *paths: str,
+    summary: str,
+    answer: type[BaseModel] | None = None,
+    body: dict[str, Any] | None = None,
+    errors: tuple[int, ...] = (400, 404, 503),
+) -> Callable[[Handler], Handler]:
+    """Register a handler for `paths` with its OpenAPI operation (description from its docstring)."""
+
     def register(handler: Handler) -> Handler:
+        ok: dict[str, Any] = {"description": "OK"}
+        if answer is not None:
+            ok["content"] = {JSON_TYPE: {"schema": {"$ref": f"#/components/schemas/{answer.__name__}"}}}
+        error = {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        responses = {"200": ok} | {
+            str(code): {"description": _REASONS[code], "content": error} for code in errors
+        }
         for path in paths:
-            router.add_route(path, handler, methods=[method], include_in_schema=False)
+            parameters = [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                for name in ("model", "version")
+                if f"{{{name}}}" in path
+            ]
+            operation: dict[str, Any] = {
+                "tags": [_TAG],
+                "summary": summary,
+                "description": inspect.getdoc(handler) or "",
+                "operationId": f"v2_{handler.__name__}_{len(_ROUTES)}",
+                "parameters": parameters,
+                "responses": responses,
+            }
+            if body is not None:
+                operation["requestBody"] = body
+            _ROUTES.append((path, method, handler, operation))
         return handler
 
     return register
 
 
+_REASONS: Final = {
+    400: "Invalid request (shape, datatype, name, malformed body)",
+    403: "The repository extension is disabled",
+    404: "Unknown model or version",
+    413: "Body over the size limit",
+    415: "Unsupported Content-Encoding",
+    503: "Model not ready (see Retry-After)",
+    504: "Deadline exceeded while queued",
+}
+_INFER_BODY: Final = {
+    "required": True,
+    "description": (
+        "JSON, or Triton's binary tensor extension: a JSON header of `Inference-Header-Content-Length` "
+        "bytes, then each tensor with `parameters.binary_data_size` as raw little-endian bytes (BYTES "
+        "elements: 4-byte length + bytes). `Content-Encoding: gzip | deflate` compresses either form."
+    ),
+    "content": {
+        JSON_TYPE: {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+        BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
 # ------------------------------------------------------------------------------------------------ infer
-# First in the router: the hot path is matched before the other V2 routes.
+# Registered first: the hot path is matched before the other V2 routes.
 
 
-@_route("POST", "/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
+@_route(
+    "POST",
+    "/v2/models/{model}/infer",
+    "/v2/models/{model}/versions/{version}/infer",
+    summary="Inference",
+    answer=V2InferResponse,
+    body=_INFER_BODY,
+    errors=(400, 404, 413, 415, 503, 504),
+)
 async def infer(request: Request) -> Response:
     """Decode (JSON or binary, maybe compressed), run through the shared core, encode as asked."""
     dataplane = _dataplane(request)
@@ -183,7 +283,7 @@ def _output(
 # ---------------------------------------------------------------------------------------- server + models
 
 
-@_route("GET", "/v2")
+@_route("GET", "/v2", summary="Server metadata", answer=V2ServerMetadata, errors=())
 async def server_metadata(request: Request) -> Response:
     """Name, version and the protocol extensions this server speaks."""
     extensions = list(EXTENSIONS)
@@ -193,7 +293,7 @@ async def server_metadata(request: Request) -> Response:
 
 
 # Before `/v2/models/{model}`, which would otherwise take "stats" for a model name.
-@_route("GET", "/v2/models/stats")
+@_route("GET", "/v2/models/stats", summary="Statistics of every model", errors=())
 async def all_statistics(request: Request) -> Response:
     """Triton-style inference statistics of every ready model version."""
     dataplane = _dataplane(request)
@@ -206,7 +306,13 @@ async def all_statistics(request: Request) -> Response:
     return _json({"model_stats": stats})
 
 
-@_route("GET", "/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+@_route(
+    "GET",
+    "/v2/models/{model}",
+    "/v2/models/{model}/versions/{version}",
+    summary="Model metadata",
+    answer=V2ModelMetadata,
+)
 async def model_metadata(request: Request) -> Response:
     """Platform, versions, and every input and output with its datatype and shape (-1 = variable)."""
     dataplane = _dataplane(request)
@@ -227,14 +333,25 @@ async def model_metadata(request: Request) -> Response:
     )
 
 
-@_route("GET", "/v2/models/{model}/ready", "/v2/models/{model}/versions/{version}/ready")
+@_route(
+    "GET",
+    "/v2/models/{model}/ready",
+    "/v2/models/{model}/versions/{version}/ready",
+    summary="Model readiness",
+    answer=V2ModelReady,
+)
 async def model_ready(request: Request) -> Response:
     """200 `{"ready": true}` when the version can answer; 404 unknown, 503 loading, failed or unloaded."""
     model = _model(request, _dataplane(request))
     return _json({"name": model.name, "version": str(model.version), "ready": True})
 
 
-@_route("GET", "/v2/models/{model}/config", "/v2/models/{model}/versions/{version}/config")
+@_route(
+    "GET",
+    "/v2/models/{model}/config",
+    "/v2/models/{model}/versions/{version}/config",
+    summary="Model configuration (Triton)",
+)
 async def model_config(request: Request) -> Response:
     """A Triton-style model configuration (`dims` leave out the batch axis that `max_batch_size` bounds)."""
     dataplane = _dataplane(request)
@@ -260,7 +377,12 @@ async def model_config(request: Request) -> Response:
     return _json(config)
 
 
-@_route("GET", "/v2/models/{model}/stats", "/v2/models/{model}/versions/{version}/stats")
+@_route(
+    "GET",
+    "/v2/models/{model}/stats",
+    "/v2/models/{model}/versions/{version}/stats",
+    summary="Model statistics (Triton)",
+)
 async def model_statistics(request: Request) -> Response:
     """Triton-style inference statistics: counts, and queue and compute time in nanoseconds."""
     dataplane = _dataplane(request)
@@ -271,7 +393,7 @@ async def model_statistics(request: Request) -> Response:
 # ------------------------------------------------------------------------------------------- repository
 
 
-@_route("POST", "/v2/repository/index")
+@_route("POST", "/v2/repository/index", summary="Repository index (admin)", errors=(400, 403))
 async def repository_index(request: Request) -> Response:
     """Every model version in the repository with its state (`{"ready": true}` keeps only ready ones)."""
     dataplane = _repository(request)
@@ -290,7 +412,7 @@ async def repository_index(request: Request) -> Response:
     return _json(index)
 
 
-@_route("POST", "/v2/repository/models/{model}/load")
+@_route("POST", "/v2/repository/models/{model}/load", summary="Load a model (admin)", errors=(400, 403, 404))
 async def repository_load(request: Request) -> Response:
     """(Re)load every version of a model from the repository folder; 400 if none of them loads."""
     dataplane = _repository(request)
@@ -308,7 +430,9 @@ async def repository_load(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@_route("POST", "/v2/repository/models/{model}/unload")
+@_route(
+    "POST", "/v2/repository/models/{model}/unload", summary="Unload a model (admin)", errors=(400, 403, 404)
+)
 async def repository_unload(request: Request) -> Response:
     """Stop serving every version of a model."""
     dataplane = _repository(request)

@@ -511,3 +511,12 @@ def test_api_key_guards_the_v2_routes(model_repository: Path) -> None:
             assert response.status_code == 401, path
         ok = http.post("/v2/models/reg/infer", content=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
+
+
+def test_openapi_documents_the_v2_routes(model_repository: Path) -> None:
+    schema = create_app(Settings(model_repository=model_repository)).openapi()
+    infer = schema["paths"]["/v2/models/{model}/infer"]["post"]
+    assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
+    assert {"400", "404", "503"} <= set(infer["responses"])
+    assert "/v2/models/{model}/versions/{version}/ready" in schema["paths"]
+    assert "V2InferRequest" in schema["components"]["schemas"]
