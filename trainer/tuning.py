@@ -95,12 +95,12 @@ def grid_values(space: dict[str, Param]) -> dict[str, list[Any]]:
     Raises:
         ConfigError: a parameter is a continuous float range (no finite grid), or the grid is too large.
     """
-    grid: dict[str, list[Any]] = {}
+    grid: dict[str, Sequence[Any]] = {}
     for path, spec in space.items():
         if isinstance(spec, CategoricalParam):
             grid[path] = [_encode_choice(choice) for choice in spec.choices]
         elif isinstance(spec, IntParam):
-            grid[path] = list(range(spec.low, spec.high + 1, spec.step))
+            grid[path] = range(spec.low, spec.high + 1, spec.step)  # sized before it is listed
         else:
             raise ConfigError(
                 f"search.space '{path}' is a continuous float range [{spec.low:g}, {spec.high:g}], which a "
@@ -112,7 +112,7 @@ def grid_values(space: dict[str, Param]) -> dict[str, list[Any]]:
         raise ConfigError(
             f"the search grid has {size:,} points (at most {MAX_GRID_POINTS:,}); coarsen its ranges"
         )
-    return grid
+    return {path: list(values) for path, values in grid.items()}
 
 
 def make_sampler(
@@ -534,7 +534,11 @@ def add_tune_command(subparsers: Any) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    """Handler of `modeltrain tune`; everything is checked before the first trial trains."""
+    """Handler of `modeltrain tune`; everything is checked before the first trial trains.
+
+    `--epochs` and `--seed` change the base config; a searched parameter (even `optim.epochs`) still
+    takes each trial's value.
+    """
     from trainer.cli import load_run_config
 
     check_trials(args.trials)

@@ -116,7 +116,7 @@ def test_grid_refuses_a_continuous_float() -> None:
 
 def test_grid_refuses_an_enormous_grid() -> None:
     space = {
-        "optim.batch_size": {"type": "int", "low": 1, "high": 1000},
+        "optim.batch_size": {"type": "int", "low": 1, "high": 10**12},
         "optim.epochs": {"type": "int", "low": 1, "high": 1000},
     }
     with pytest.raises(ConfigError, match="points"):
@@ -395,3 +395,32 @@ def test_bad_search_is_refused_before_anything_is_written(
     assert lines[0].startswith("modeltrain: error:")
     assert message in lines[0]
     assert not output.exists()
+
+
+def test_an_existing_version_is_refused_before_the_search(tmp_path: Path) -> None:
+    existing = tmp_path / "repo" / "tiny" / "1"
+    existing.mkdir(parents=True)
+    (existing / "keep.txt").write_text("mine", encoding="utf-8")
+    config_path = write_config(tmp_path, make_config(GRID_SPACE))
+    argv = [
+        "tune",
+        str(config_path),
+        "--strategy",
+        "grid",
+        "--trials",
+        "2",
+        "--output",
+        str(tmp_path / "repo"),
+    ]
+    completed = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode != 0
+    assert "already exists; use --replace" in completed.stderr
+    assert "trial 0" not in completed.stderr  # refused before the first trial
+    assert sorted(path.name for path in existing.iterdir()) == ["keep.txt"]
