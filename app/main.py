@@ -57,7 +57,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await dataplane.stop()
             metrics.mark_process_dead()
 
-    app = FastAPI(title="modelserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="modelserve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        # FastAPI's built-in OpenTelemetry costs a provider check per request; the service exports
+        # Prometheus metrics (DESIGN.md) instead.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.dataplane = dataplane

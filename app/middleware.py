@@ -83,7 +83,9 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             if self._access_log:
-                logger.info(
+                # Probes and scrapes come every few seconds: they are logged only at debug level.
+                logger.log(
+                    logging.DEBUG if scope["path"] in PUBLIC_PATHS else logging.INFO,
                     "request",
                     extra={
                         "method": scope["method"],

@@ -1,0 +1,85 @@
+"""The one table from domain errors to HTTP answers, and the batched-equals-unbatched property."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.errors import (
+    DeadlineExceeded,
+    FeatureDisabled,
+    InferenceFailed,
+    InvalidInput,
+    ModelNotFound,
+    ModelServeError,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from app.http_errors import INTERNAL_ERROR_MESSAGE, error_parts, reason_for
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (InvalidInput("x"), 400),
+        (Unauthorized("x"), 401),
+        (FeatureDisabled("x"), 403),
+        (ModelNotFound("x"), 404),
+        (PayloadTooLarge("x"), 413),
+        (UnsupportedMediaType("x"), 415),
+        (NotReady("x"), 503),
+        (Overloaded("x"), 503),
+        (DeadlineExceeded("x"), 504),
+        (InferenceFailed("x"), 500),
+    ],
+)
+def test_every_domain_error_has_its_status(error: ModelServeError, status: int) -> None:
+    assert error_parts(error)[0] == status
+
+
+def test_overloaded_answers_503_with_retry_after() -> None:
+    status, body, headers = error_parts(Overloaded("queue full; retry later", retry_after_seconds=2))
+    assert status == 503
+    assert orjson.loads(body) == {"error": "queue full; retry later"}
+    assert (b"retry-after", b"2") in headers
+    assert reason_for(Overloaded("x")) == "overloaded"
+
+
+def test_internal_faults_answer_a_generic_message() -> None:
+    for error in (InferenceFailed("onnxruntime said /secret/path is broken"), RuntimeError("/secret/path")):
+        status, body, _ = error_parts(error)
+        assert status == 500
+        assert orjson.loads(body) == {"error": INTERNAL_ERROR_MESSAGE}
+    assert reason_for(RuntimeError()) == "internal_error"
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    row_counts=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=12),
+    seed=st.integers(0, 99),
+)
+def test_concurrent_batched_outputs_equal_unbatched_outputs(
+    client: TestClient, row_counts: list[int], seed: int
+) -> None:
+    dataplane = client.app.state.dataplane  # type: ignore[attr-defined]
+    model = dataplane.get_model("clf")
+    rng = np.random.default_rng(seed)
+    requests = [rng.normal(size=(n, 4)).astype(np.float32) for n in row_counts]
+
+    async def all_at_once() -> list[dict[str, np.ndarray]]:
+        return list(await asyncio.gather(*(dataplane.infer(model, {"features": x}) for x in requests)))
+
+    results = client.portal.call(all_at_once)  # type: ignore[union-attr]
+    for x, result in zip(requests, results, strict=True):
+        alone = model.run({"features": x})
+        assert result["label_index"].tolist() == alone["label_index"].tolist()
+        np.testing.assert_allclose(result["probabilities"], alone["probabilities"], rtol=1e-6, atol=1e-7)
