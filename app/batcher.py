@@ -156,6 +156,7 @@ class Batcher:
     async def stop(self) -> None:
         """Stop the worker and answer every waiting or running request with `NotReady`."""
         self._closed = True
+        self._space.set()  # background callers waiting for room see the batcher closed
         in_flight = list(self._in_flight)  # the worker clears its list when cancelled
         if self._task is not None:
             self._task.cancel()
@@ -194,6 +195,8 @@ class Batcher:
             while self._background_rows and self._background_rows + rows > self.max_queue_rows:
                 self._space.clear()
                 await self._space.wait()
+                if self._closed:
+                    raise NotReady("the server is shutting down", self.retry_after_seconds)
         elif self._foreground_rows and self._foreground_rows + rows > self.max_queue_rows:
             raise Overloaded(
                 f"model {self.name!r} has {self._foreground_rows} rows queued (limit {self.max_queue_rows}); "

@@ -102,11 +102,16 @@ class DataPlane:
             model = await loop.run_in_executor(
                 self._executor, load_model, source, self.settings, self._providers
             )
-        except ModelLoadError as err:
-            entry.state, entry.reason = "failed", err.reason
+        except Exception as err:
+            # A model that cannot load is reported and skipped; it never stops the others.
+            reason = (
+                err.reason if isinstance(err, ModelLoadError) else f"unexpected {type(err).__name__}: {err}"
+            )
+            entry.state, entry.reason = "failed", reason
             logger.error(
                 "model failed to load",
-                extra={"model": source.name, "version": source.version, "reason": err.reason},
+                exc_info=None if isinstance(err, ModelLoadError) else err,
+                extra={"model": source.name, "version": source.version, "reason": reason},
             )
             return
         entry.model, entry.batcher = model, self._batcher_for(model)

@@ -129,6 +129,11 @@ class LoadedModel:
         self.directory = directory
         self.session = session
         self.inputs = [_ort_spec(node) for node in session.get_inputs()]
+        # Symbolic axis names (e.g. "batch", "T"): inputs that share one must agree on its length.
+        self._axis_names = {
+            node.name: [d if isinstance(d, str) else None for d in node.shape]
+            for node in session.get_inputs()
+        }
         self.outputs = [_ort_spec(node) for node in session.get_outputs()]
         self.providers: list[str] = list(session.get_providers())
         self.load_seconds = 0.0
@@ -219,7 +224,32 @@ class LoadedModel:
                 )
             rows = array.shape[0]
             arrays[spec.name] = array
+        self._check_shared_axes(arrays)
         return arrays
+
+    def _check_shared_axes(self, arrays: Mapping[str, np.ndarray]) -> None:
+        seen: dict[str, tuple[str, int, int]] = {}
+        for name, array in arrays.items():
+            axis_names = self._axis_names[name]
+            if len(axis_names) != array.ndim:
+                continue  # reshaped image input: its axes are all fixed
+            for axis, axis_name in enumerate(axis_names):
+                if axis_name is None or axis == 0:
+                    continue
+                size = array.shape[axis]
+                first = seen.setdefault(axis_name, (name, axis, size))
+                if first[2] != size:
+                    raise InvalidInput(
+                        f"{self.where(name)}: axis {axis} has length {size} but axis {first[1]} of "
+                        f"{self.where(first[0])} has {first[2]}; they must match"
+                    )
+        if self.pads_sequences:
+            sequence, mask = arrays[SEQUENCE_INPUT], arrays[MASK_INPUT]
+            if sequence.shape[:2] != mask.shape:
+                raise InvalidInput(
+                    f"inputs.{MASK_INPUT}: shape {list(mask.shape)} does not match the first two axes of "
+                    f"inputs.{SEQUENCE_INPUT} {list(sequence.shape[:2])}"
+                )
 
     def _to_array(self, value: Any, spec: TensorSpec) -> np.ndarray:
         where = self.where(spec.name)
@@ -337,6 +367,8 @@ def load_model(source: ModelSource, settings: Settings, providers: Sequence[str]
         card = ModelCard.read(card_path)
     except FileNotFoundError as err:
         raise ModelLoadError(f"no {CARD_FILENAME} beside the graph") from err
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {CARD_FILENAME}: {err.strerror}") from err
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in err.errors()[:5]
@@ -346,7 +378,10 @@ def load_model(source: ModelSource, settings: Settings, providers: Sequence[str]
         raise ModelLoadError(
             f"the card describes {card.name}/{card.version} but sits in {source.name}/{source.version}"
         )
-    model_bytes = onnx_path.read_bytes()
+    try:
+        model_bytes = onnx_path.read_bytes()
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {ONNX_FILENAME}: {err.strerror}") from err
     digest = hashlib.sha256(model_bytes).hexdigest()
     if digest != card.onnx.sha256:
         raise ModelLoadError(f"sha256 of {ONNX_FILENAME} is {digest}, the card says {card.onnx.sha256}")

@@ -184,3 +184,10 @@ def test_dataplane_refuses_non_finite_values_and_bad_dtypes(shared_client: TestC
                 seq, {"sequence": np.zeros((1, 2, 2), np.float32), "mask": np.array([[0.5, 1.0]])}
             )
         )
+
+
+def test_sequence_and_mask_lengths_must_agree(shared_client: TestClient) -> None:
+    body = {"model": "seq", "inputs": {"sequence": [[[1, 2], [3, 4]]], "mask": [[True, True, True]]}}
+    response = shared_client.post("/predict", json=body)
+    assert response.status_code == 400
+    assert "axis 1 has length 3 but axis 1 of inputs.sequence has 2" in response.json()["error"]
