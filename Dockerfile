@@ -85,6 +85,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     MODELSERVE_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider \
+    ORT_DISABLE_TELEMETRY=1 \
     MODELSERVE_HOST=0.0.0.0 \
     MODELSERVE_PORT=8000 \
     MODELSERVE_MODEL_REPOSITORY=/opt/modelserve/models
@@ -109,9 +110,12 @@ COPY --from=builder /opt/venv /opt/venv
 COPY models /opt/modelserve/models
 COPY deploy/container/healthcheck.py /opt/modelserve/healthcheck.py
 # Inside a container the server must listen on every interface (the default outside is 127.0.0.1).
+# ORT_DISABLE_TELEMETRY: a server sends nothing home (and onnxruntime cannot persist its id on a read-only
+# root anyway, which it would log as a non-JSON warning line).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     MODELSERVE_HOST=0.0.0.0 \
     MODELSERVE_PORT=8000 \
     MODELSERVE_MODEL_REPOSITORY=/opt/modelserve/models

@@ -169,15 +169,29 @@ def test_image_has_no_torch_and_no_compiler(podman: Podman, image: BuiltImage) -
 # ---------------------------------------------------------------------------------------------- serving
 
 
-def test_health_and_non_root(server: RunningContainer) -> None:
+def test_health_and_non_root(server: RunningContainer, capsys: pytest.CaptureFixture[str]) -> None:
     assert http_request("GET", f"{server.base_url}/v2/health/live")[0] == 200
     assert http_request("GET", f"{server.base_url}/v2/health/ready")[0] == 200
+    with capsys.disabled():
+        print(f"\n[container] ready {server.ready_seconds:.1f} s after `podman run` ({len(CARDS)} models)")
     ids = server.exec("python3", "-c", "import os; print(os.getuid(), os.getgid())")
     assert ids.stdout.split() == [str(IMAGE_UID), str(IMAGE_UID)]
     # The server itself is PID 1 (exec-form entrypoint), so SIGTERM reaches it.
     cmdline = server.exec("cat", "/proc/1/cmdline").stdout.replace("\0", " ")
     assert "modelserve" in cmdline
     assert "serve" in cmdline
+
+
+def test_logs_are_json_lines(server: RunningContainer) -> None:
+    """Every line the server writes is one JSON object (log shippers parse them; no stray C++ warnings)."""
+    assert http_request("GET", f"{server.base_url}/v2/health/ready")[0] == 200
+    lines = [line for line in server.logs().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        if "unable to get systemd connection" in line:  # podman's own note about healthchecks, not the app
+            continue
+        record = json.loads(line)
+        assert {"time", "level", "message"} <= record.keys(), line
 
 
 def test_root_filesystem_is_read_only(server: RunningContainer) -> None:
