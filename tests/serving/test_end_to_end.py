@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.factories import reference_outputs
+from app.main import create_app
+from app.settings import Settings
+from tests.factories import reference_outputs, serve_in_thread
 
 N_REQUESTS = 300
 
@@ -56,15 +59,27 @@ def check(kind: str, answer: dict[str, Any], expected: dict[str, np.ndarray]) ->
     )
 
 
+@pytest.fixture(scope="module")
+def batching_server(model_repository: Path) -> Iterator[str]:
+    """A real uvicorn whose batches wait up to 20 ms for more rows once the model is free.
+
+    With the default (0 s: run whatever waits) a fast server on a quiet machine may answer each request
+    before the next arrives, which is right but would leave nothing to observe here.
+    """
+    settings = Settings(model_repository=model_repository, max_batch_delay_seconds=0.02, access_log=False)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
+
+
 @pytest.mark.timeout(120)
-def test_concurrent_requests_each_get_their_own_rows(live_server: str, model_repository: Path) -> None:
+def test_concurrent_requests_each_get_their_own_rows(batching_server: str, model_repository: Path) -> None:
     rng = np.random.default_rng(7)
     requests = [make_request(rng, i) for i in range(N_REQUESTS)]
     version = {"clf": 2, "reg": 1, "multi": 1, "seq": 1}
 
     async def run_all() -> tuple[list[httpx.Response], str, str]:
         limits = httpx.Limits(max_connections=N_REQUESTS, max_keepalive_connections=N_REQUESTS)
-        async with httpx.AsyncClient(base_url=live_server, limits=limits, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=batching_server, limits=limits, timeout=60) as client:
             before = (await client.get("/metrics")).text
             responses = await asyncio.gather(*(client.post("/predict", json=body) for _, body, _ in requests))
             after = (await client.get("/metrics")).text
@@ -80,3 +95,20 @@ def test_concurrent_requests_each_get_their_own_rows(live_server: str, model_rep
         sent = sum(1 for k, _, _ in requests if k == kind)
         batches = batch_count(after, kind) - batch_count(before, kind)
         assert 0 < batches < sent, (kind, batches, sent)
+
+
+def test_default_live_server_answers_concurrent_requests(live_server: str, model_repository: Path) -> None:
+    """The shared `live_server` fixture (default settings: work-conserving batching) answers the same."""
+    rng = np.random.default_rng(11)
+    requests = [make_request(rng, i) for i in range(60)]
+
+    async def run_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=live_server, timeout=60) as client:
+            return list(
+                await asyncio.gather(*(client.post("/predict", json=body) for _, body, _ in requests))
+            )
+
+    version = {"clf": 2, "reg": 1, "multi": 1, "seq": 1}
+    for (kind, _, arrays), response in zip(requests, asyncio.run(run_all()), strict=True):
+        assert response.status_code == 200, response.text
+        check(kind, response.json(), reference_outputs(model_repository, kind, version[kind], arrays))
