@@ -12,6 +12,7 @@ After every evaluation ``modelserve_evaluation_score{model,metric}`` holds its s
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import aclosing
 from typing import Any
@@ -43,9 +44,14 @@ from app.observability import UNKNOWN_MODEL, Metrics
 from app.settings import Settings
 
 ENDPOINT = "/evaluate"
-STREAM_CHUNK_ROWS = 512
+STREAM_CHUNK_ROWS = 128
 """Rows parsed per step of a streamed upload: small enough that parsing one never holds the event loop
-for long (a `/predict` waits at most one step), large enough to amortise numpy's per-call costs."""
+for long (numpy's CSV parser holds the GIL, so a thread would not help), large enough to amortise
+numpy's per-call costs."""
+YIELD_STEP_SECONDS = 0.0005
+"""While interactive requests are in flight, the evaluation checks again after this long ..."""
+MAX_YIELD_SECONDS = 0.05
+"""... but waits at most this long per chunk, so a steady `/predict` load slows it without starving it."""
 MAX_UPLOAD_BYTES = 64 * 1024**3
 """Largest NPZ upload spooled to disk (text formats are never stored, so they have no limit)."""
 DRAIN_AFTER_ERROR_BYTES = 64 * 1024**2
@@ -116,6 +122,22 @@ class EvaluateEndpoint:
         outputs: Tensors = await self.dataplane.infer(model, dict(inputs), background=True)
         return outputs
 
+    def _interactive_in_flight(self) -> bool:
+        """Whether a request of another endpoint (`/predict`, V2 infer) is being answered."""
+        for metric in self.metrics.inflight_requests.collect():
+            for sample in metric.samples:
+                if sample.value > 0 and sample.labels.get("endpoint") != ENDPOINT:
+                    return True
+        return False
+
+    async def _yield_to_interactive(self) -> None:
+        """Hold the evaluation back (bounded) while interactive requests are in flight: parsing a chunk
+        runs on the event loop, and the batcher already lets their rows overtake queued evaluation rows."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_YIELD_SECONDS
+        while self._interactive_in_flight() and loop.time() < deadline:  # noqa: ASYNC110 (a poll: no event to wait on)
+            await asyncio.sleep(YIELD_STEP_SECONDS)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one request (every error becomes its JSON answer here; nothing propagates)."""
         started = time.perf_counter()
@@ -132,6 +154,8 @@ class EvaluateEndpoint:
                     lambda inputs: self._infer(model, inputs),
                     options,
                     piece_rows=self.settings.max_batch_rows,
+                    max_inflight_pieces=2,
+                    pause=self._yield_to_interactive,
                 )
             self._publish(model.name, report)
             status, payload, headers = 200, orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY), None

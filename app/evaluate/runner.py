@@ -25,6 +25,7 @@ from app.scoring import ClassificationAccumulator, RegressionAccumulator, defaul
 Tensors = dict[str, npt.NDArray[Any]]
 InferFn = Callable[[Tensors], Awaitable[Tensors]]
 ProgressFn = Callable[[int], None]
+PauseFn = Callable[[], Awaitable[None]]
 
 # Card metric names → the report's, for the "difference" block (the trainer records a loss: cross-entropy
 # for classifiers, MSE for regressors).
@@ -100,7 +101,9 @@ class Evaluation:
         *,
         piece_rows: int = 64,
         max_inflight_chunks: int = 2,
+        max_inflight_pieces: int | None = None,
         progress: ProgressFn | None = None,
+        pause: PauseFn | None = None,
     ) -> None:
         """Prepare the accumulators for ``model`` (a `LoadedModel` or anything with its attributes).
 
@@ -111,7 +114,13 @@ class Evaluation:
             piece_rows: rows per ``infer`` call (the batcher's batch size, so a long evaluation never
                 occupies the model for longer than one batch while `/predict` waits).
             max_inflight_chunks: chunks read ahead while earlier ones are in the model.
+            max_inflight_pieces: ``infer`` calls awaited at once (None: every piece of the chunks in
+                flight). Two keep the model busy (one runs while the next waits) while the batcher never
+                holds more than one piece to merge, so a batch of evaluation rows, which an interactive
+                request may have to wait for, stays at ``piece_rows``.
             progress: called with the number of rows scored after each chunk.
+            pause: awaited before each chunk is read: lets the caller hold the evaluation back while
+                interactive requests are served (parsing runs on the event loop).
         """
         self.model = model
         self.schema = Schema.of(model)
@@ -120,6 +129,8 @@ class Evaluation:
         self.piece_rows = max(1, piece_rows)
         self.max_inflight_chunks = max(1, max_inflight_chunks)
         self.progress = progress
+        self.pause = pause
+        self._piece_slots = asyncio.Semaphore(max_inflight_pieces) if max_inflight_pieces else None
         self.accumulator: ClassificationAccumulator | RegressionAccumulator
         if self.schema.classification:
             labels = self.schema.labels or ()
@@ -140,7 +151,7 @@ class Evaluation:
             {name: array[start : start + self.piece_rows] for name, array in chunk.inputs.items()}
             for start in range(0, rows, self.piece_rows)
         ]
-        tasks = [asyncio.ensure_future(self.infer(piece)) for piece in pieces]
+        tasks = [asyncio.ensure_future(self._infer_piece(piece)) for piece in pieces]
         try:
             results = await asyncio.gather(*tasks)
         except InvalidInput as err:
@@ -158,6 +169,12 @@ class Evaluation:
             for name in wanted
         }
 
+    async def _infer_piece(self, piece: Tensors) -> Tensors:
+        if self._piece_slots is None:
+            return await self.infer(piece)
+        async with self._piece_slots:
+            return await self.infer(piece)
+
     def _count(self, chunk: Chunk, outputs: Tensors) -> None:
         if isinstance(self.accumulator, ClassificationAccumulator):
             self.accumulator.update(chunk.targets, outputs[LABEL_INDEX_OUTPUT], outputs[PROBABILITIES_OUTPUT])
@@ -168,8 +185,15 @@ class Evaluation:
         """Score every chunk, reading ahead while earlier chunks are in the model."""
         inflight: deque[tuple[Chunk, asyncio.Future[Tensors]]] = deque()
         scored = 0
+        iterator = aiter(chunks)
         try:
-            async for chunk in chunks:
+            while True:
+                if self.pause is not None:
+                    await self.pause()
+                try:
+                    chunk = await anext(iterator)
+                except StopAsyncIteration:
+                    break
                 inflight.append((chunk, asyncio.ensure_future(self._infer_chunk(chunk))))
                 while len(inflight) >= self.max_inflight_chunks:
                     scored += await self._settle(inflight)
@@ -218,7 +242,9 @@ async def evaluate(
     *,
     piece_rows: int = 64,
     max_inflight_chunks: int = 2,
+    max_inflight_pieces: int | None = None,
     progress: ProgressFn | None = None,
+    pause: PauseFn | None = None,
 ) -> dict[str, Any]:
     """Score ``chunks`` with ``infer`` and return the report (see `Evaluation`)."""
     run = Evaluation(
@@ -227,7 +253,9 @@ async def evaluate(
         infer,
         piece_rows=piece_rows,
         max_inflight_chunks=max_inflight_chunks,
+        max_inflight_pieces=max_inflight_pieces,
         progress=progress,
+        pause=pause,
     )
     await run.consume(chunks)
     return run.report()

@@ -137,7 +137,10 @@ def test_every_format_gives_the_same_report(client: TestClient) -> None:
     ]
     for response in streamed:
         assert response.status_code == 200, response.text
-        assert response.json() == expected
+        report = response.json()
+        # counts are exact whatever the chunking; the log-loss sum may differ in its last bit
+        assert close(report.pop("log_loss"), expected["log_loss"], 1e-14)
+        assert report == {k: v for k, v in expected.items() if k != "log_loss"}
 
 
 def test_version_and_zero_division(client: TestClient, repo: Path) -> None:

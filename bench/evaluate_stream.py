@@ -1,0 +1,335 @@
+"""Streamed `/evaluate` at scale: a 1,000,000-row CSV against a live server (issue 4).
+
+What it measures (`python -m bench.evaluate_stream --help`):
+
+1. Builds (once, cached under `bench/results/`) a labelled CSV of N rows for the shipped `digits` model:
+   the 8x8 pixels of scikit-learn's digits (rows drawn with replacement) plus a `label` column.
+2. Starts `modelserve serve` on the shipped model repository in a subprocess and samples its RSS
+   (`/proc/<pid>/status`) every 20 ms.
+3. Idle `/predict` latency: sequential one-row requests over a keep-alive connection.
+4. The streamed evaluation alone: an httpx streaming upload of the CSV (`POST /evaluate?model=digits`);
+   rows/s and the server's RSS growth over its idle baseline (target: < 200 MB).
+5. The same evaluation again while the `/predict` loop runs: `/predict` p99 during it vs idle (target:
+   within 2x).
+6. In-process baseline over the same file: CSV parsing (numpy, chunked) + onnxruntime in 4096-row batches
+   + scikit-learn metrics; and the same with the data already in memory (no parsing). The server's report
+   is checked against scikit-learn's numbers.
+
+Results are printed and written to `bench/results/evaluate_stream.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = Path(__file__).parent.parent / "models"
+READ_BYTES = 1 << 20
+
+
+def make_csv(path: Path, rows: int, seed: int = 0) -> None:
+    """N labelled digits rows (integer pixels 0..16 and the true label), written in blocks."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = digits.data.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as handle:
+        handle.write(",".join([f"p{i}" for i in range(64)] + ["label"]) + "\n")
+        for start in range(0, rows, 100_000):
+            pick = rng.integers(0, len(pixels), min(100_000, rows - start))
+            block = np.column_stack([pixels[pick], digits.target[pick]])
+            np.savetxt(handle, block, fmt="%d", delimiter=",")
+    tmp.rename(path)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssSampler:
+    """Peak RSS of a process over a window, sampled every 20 ms in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            time.sleep(0.02)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = rss_bytes(self.pid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def server(repository: Path) -> Iterator[tuple[int, int]]:
+    """`modelserve serve` in a subprocess; yields (port, pid) once ready."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODELSERVE_MODEL_REPOSITORY": str(repository),
+        "MODELSERVE_PORT": str(port),
+        "MODELSERVE_LOG_LEVEL": "warning",
+        "MODELSERVE_ACCESS_LOG": "false",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                connection.request("GET", "/v2/health/ready")
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.1)
+        yield port, process.pid
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def predict_loop(
+    port: int, body: bytes, stop: threading.Event, max_requests: int | None = None
+) -> list[float]:
+    """Sequential one-row /predict requests over one keep-alive connection until `stop` (or a count)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    headers = {"Content-Type": "application/json"}
+    samples: list[float] = []
+    while not stop.is_set() and (max_requests is None or len(samples) < max_requests):
+        started = time.perf_counter()
+        connection.request("POST", "/predict", body, headers)
+        response = connection.getresponse()
+        response.read()
+        samples.append(time.perf_counter() - started)
+        if response.status != 200:
+            raise RuntimeError(f"/predict answered {response.status}")
+    connection.close()
+    return samples
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "n": len(ordered),
+        "median_ms": statistics.median(ordered) * 1000,
+        "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000,
+    }
+
+
+def stream_evaluation(port: int, path: Path) -> tuple[dict[str, Any], float]:
+    """Upload the CSV with an httpx streaming body; returns (report, seconds)."""
+
+    def pieces() -> Iterator[bytes]:
+        with path.open("rb") as handle:
+            while block := handle.read(READ_BYTES):
+                yield block
+
+    started = time.perf_counter()
+    response = httpx.post(
+        f"http://127.0.0.1:{port}/evaluate",
+        params={"model": "digits", "label_column": "label"},
+        content=pieces(),
+        headers={"content-type": "text/csv"},
+        timeout=httpx.Timeout(3600, connect=10),
+    )
+    seconds = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"/evaluate answered {response.status_code}: {response.text}")
+    return response.json(), seconds
+
+
+def in_process_baseline(path: Path, with_parsing: bool) -> dict[str, Any]:
+    """onnxruntime + scikit-learn over the same rows, in this process."""
+    import onnxruntime as ort
+    from sklearn import metrics as skm
+
+    options = ort.SessionOptions()
+    session = ort.InferenceSession(
+        str(MODELS / "digits" / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+
+    def blocks() -> Iterator[np.ndarray]:
+        with path.open() as handle:
+            handle.readline()
+            while True:
+                lines = [line for _, line in zip(range(100_000), handle, strict=False)]
+                if not lines:
+                    return
+                yield np.loadtxt(lines, delimiter=",", dtype=np.float32, ndmin=2)
+
+    data = None if with_parsing else np.concatenate(list(blocks()))
+    started = time.perf_counter()
+    labels, predictions, probabilities = [], [], []
+    for block in blocks() if data is None else [data]:
+        x, y = block[:, :64].reshape(-1, 1, 8, 8), block[:, 64].astype(np.int64)
+        for lo in range(0, len(y), 4096):
+            proba, index = session.run(["probabilities", "label_index"], {"image": x[lo : lo + 4096]})
+            predictions.append(index)
+            probabilities.append(proba)
+        labels.append(y)
+    y_true, y_pred, proba = np.concatenate(labels), np.concatenate(predictions), np.concatenate(probabilities)
+    classes = list(range(10))
+    scores: dict[str, Any] = {"accuracy": skm.accuracy_score(y_true, y_pred)}
+    for average in ("micro", "macro", "weighted"):
+        p, r, f, _ = skm.precision_recall_fscore_support(
+            y_true, y_pred, labels=classes, average=average, zero_division=0
+        )
+        scores[f"precision_{average}"], scores[f"recall_{average}"], scores[f"f1_{average}"] = p, r, f
+    skm.precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
+    scores["confusion_matrix"] = skm.confusion_matrix(y_true, y_pred, labels=classes).tolist()
+    scores["log_loss"] = skm.log_loss(y_true, proba, labels=classes)
+    scores["top_k_accuracy"] = skm.top_k_accuracy_score(y_true, proba, k=5, labels=classes)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "rows_per_second": len(y_true) / seconds,
+        "scores": scores,
+        "rows": len(y_true),
+    }
+
+
+def check_report(report: dict[str, Any], oracle: dict[str, Any]) -> dict[str, float]:
+    """Largest |server - sklearn| per metric family (the confusion matrix must be identical)."""
+    assert report["confusion_matrix"]["matrix"] == oracle["confusion_matrix"], "confusion matrices differ"
+    diffs = {"accuracy": abs(report["accuracy"] - oracle["accuracy"])}
+    for metric in ("precision", "recall", "f1"):
+        diffs[metric] = max(
+            abs(report[metric][a] - oracle[f"{metric}_{a}"]) for a in ("micro", "macro", "weighted")
+        )
+    diffs["log_loss"] = abs(report["log_loss"] - oracle["log_loss"])
+    diffs["top_k_accuracy"] = abs(report["top_k_accuracy"]["value"] - oracle["top_k_accuracy"])
+    return diffs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--predict-requests", type=int, default=2000, help="idle /predict samples")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--upload-to", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.upload_to is not None:  # child process: one streamed evaluation, result on stdout
+        report, seconds = stream_evaluation(args.upload_to, RESULTS / f"digits_{args.rows}.csv")
+        print(json.dumps({"seconds": seconds, "n": report["n"]}))
+        return 0
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"digits_{args.rows}.csv"
+    if not path.exists():
+        print(f"writing {path} ...", flush=True)
+        make_csv(path, args.rows)
+    size_mb = path.stat().st_size / 1e6
+    print(f"{args.rows} rows, {size_mb:.0f} MB", flush=True)
+    predict_body = orjson.dumps({"model": "digits", "inputs": [[float(v) for v in range(64)]]})
+    results: dict[str, Any] = {"rows": args.rows, "csv_mb": size_mb, "cpu_count": os.cpu_count()}
+
+    with server(MODELS) as (port, pid):
+        predict_loop(port, predict_body, threading.Event(), 200)  # warm-up
+        idle = summary(predict_loop(port, predict_body, threading.Event(), args.predict_requests))
+        print(f"/predict idle: {idle}", flush=True)
+        baseline_rss = rss_bytes(pid)
+        with RssSampler(pid) as sampler:
+            report, seconds = stream_evaluation(port, path)
+        results["server"] = {
+            "seconds": seconds,
+            "rows_per_second": report["n"] / seconds,
+            "rss_idle_mb": baseline_rss / 1e6,
+            "rss_peak_mb": sampler.peak / 1e6,
+            "rss_growth_mb": (sampler.peak - baseline_rss) / 1e6,
+        }
+        assert report["n"] == args.rows
+        print(f"streamed evaluation: {results['server']}", flush=True)
+
+        # The upload runs in its own process so that it does not share this process's GIL with the
+        # /predict client (which would inflate the client-side latencies measured here).
+        stop = threading.Event()
+        during: list[float] = []
+        thread = threading.Thread(target=lambda: during.extend(predict_loop(port, predict_body, stop)))
+        thread.start()
+        upload = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.evaluate_stream",
+                "--upload-to",
+                str(port),
+                "--rows",
+                str(args.rows),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        seconds_loaded = json.loads(upload.stdout)["seconds"]
+        stop.set()
+        thread.join()
+        results["predict"] = {
+            "idle": idle,
+            "during_evaluation": summary(during),
+            "evaluation_seconds_with_predict_traffic": seconds_loaded,
+        }
+        results["predict"]["p99_ratio"] = results["predict"]["during_evaluation"]["p99_ms"] / idle["p99_ms"]
+        print(f"/predict during evaluation: {results['predict']}", flush=True)
+
+    if not args.skip_baseline:
+        for with_parsing in (True, False):
+            base = in_process_baseline(path, with_parsing)
+            key = "in_process_parse_csv" if with_parsing else "in_process_in_memory"
+            results[key] = {k: v for k, v in base.items() if k != "scores"}
+            print(f"{key}: {results[key]}", flush=True)
+        results["max_abs_difference_vs_sklearn"] = check_report(report, base["scores"])
+        print(f"server vs sklearn: {results['max_abs_difference_vs_sklearn']}", flush=True)
+
+    (RESULTS / "evaluate_stream.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
