@@ -286,9 +286,10 @@ def load_npz(
     x, raw_y = arrays[features_key], arrays[label]
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise DataError(f"{path}: array '{features_key}' has dtype {x.dtype}, features must be real numbers")
-    modality: Modality = {2: "tabular", 3: "sequence", 4: "image"}.get(x.ndim, "tabular")
-    if x.ndim not in (2, 3, 4):
+    modalities: dict[int, Modality] = {2: "tabular", 3: "sequence", 4: "image"}
+    if x.ndim not in modalities:
         raise DataError(f"{path}: array '{features_key}' must be 2-D, 3-D or 4-D, not {x.ndim}-D")
+    modality = modalities[x.ndim]
     if raw_y.ndim != 1 or len(raw_y) != len(x):
         raise DataError(f"{path}: '{label}' must be 1-D with one label per row of '{features_key}'")
     x = x.astype(np.float32)

@@ -261,13 +261,12 @@ def train_and_evaluate(
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
     started = time.perf_counter()
+    show_bar = progress and sys.stderr.isatty()
     bar = tqdm(
-        range(1, config.optim.epochs + 1),
-        desc=config.name,
-        unit="epoch",
-        disable=not (progress and sys.stderr.isatty()),
-        leave=False,
+        range(1, config.optim.epochs + 1), desc=config.name, unit="epoch", disable=not show_bar, leave=False
     )
+    # The bar already shows each epoch; log lines would tear it, so they drop to DEBUG while it is up.
+    epoch_log_level = logging.DEBUG if show_bar else logging.INFO
     log.info(
         "training %s: %s on %s (%d train / %d validation rows)",
         config.name,
@@ -298,7 +297,14 @@ def train_and_evaluate(
         if best is None or value > best[0]:
             best = (value, epoch, copy.deepcopy(model.state_dict()), val_metrics)
         bar.set_postfix(loss=f"{train_loss:.4f}", **{metric: f"{val_metrics[metric]:.4f}"})
-        log.info("epoch %d: train_loss %.4f val_%s %.4f", epoch, train_loss, metric, val_metrics[metric])
+        log.log(
+            epoch_log_level,
+            "epoch %d: train_loss %.4f val_%s %.4f",
+            epoch,
+            train_loss,
+            metric,
+            val_metrics[metric],
+        )
         if epoch_callback is not None:
             epoch_callback(epoch, dict(val_metrics))
         if patience is not None and epoch - best[1] >= patience:

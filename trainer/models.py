@@ -43,7 +43,7 @@ def resolve_architecture(requested: str, modality: Modality) -> Architecture:
         raise ConfigError(
             f"model.architecture '{requested}' does not fit {modality} data; use one of {allowed}"
         )
-    return requested  # type: ignore[return-value]
+    return requested
 
 
 class MLP(nn.Module):
@@ -209,6 +209,9 @@ class Pipeline(nn.Module):
     `forward` gives what the loss needs (logits, or the standardized value [N, 1]); `outputs` gives
     what the exported graph returns.
     """
+
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
 
     def __init__(
         self,

@@ -24,6 +24,9 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 class Standardize(nn.Module):
     """(x - mean) / std with statistics from the training split."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mean", mean)
@@ -35,6 +38,9 @@ class Standardize(nn.Module):
 
 class MinMax(nn.Module):
     """(x - min) / (max - min), so training values land in [0, 1]."""
+
+    low: torch.Tensor
+    span: torch.Tensor
 
     def __init__(self, low: torch.Tensor, high: torch.Tensor) -> None:
         super().__init__()
@@ -49,6 +55,8 @@ class MinMax(nn.Module):
 class Grayscale(nn.Module):
     """RGB [N, 3, H, W] → luminance [N, 1, H, W] (ITU-R BT.601 weights)."""
 
+    weights: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("weights", torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1))
@@ -59,6 +67,8 @@ class Grayscale(nn.Module):
 
 class Smooth(nn.Module):
     """Noise removal: a per-channel mean or gaussian filter with edge-replicating padding."""
+
+    kernel: torch.Tensor
 
     def __init__(self, channels: int, kind: str, kernel_size: int) -> None:
         super().__init__()
