@@ -22,7 +22,9 @@ AUTOMATIC_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 class Settings(BaseSettings):
     """Everything the service can be told; each field is `MODELSERVE_<FIELD>` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="MODELSERVE_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MODELSERVE_", extra="ignore", validate_default=True, use_attribute_docstrings=True
+    )
 
     model_repository: Path = Path("models")
     """Directory holding `<name>/<version>/model.onnx` + `model.json`."""
