@@ -96,6 +96,14 @@ def served(model_repository: Path) -> Iterator[TestClient]:
         yield client
 
 
+@pytest.fixture(scope="module")
+def served_with_api_key(model_repository: Path) -> Iterator[TestClient]:
+    """The same app with `MODELSERVE_API_KEY` set, as the manifests' optional Secret would make it."""
+    settings = Settings(model_repository=model_repository, access_log=False, api_key="deploy-test-key")
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
 def _answers(client: TestClient, path: str) -> bool:
     """The path is a route that answers GET with 200 (no API key: health and metrics are open)."""
     return client.get(path).status_code == 200
@@ -483,3 +491,15 @@ def test_service_monitor_keeps_every_app_metric(app_metrics: dict[str, tuple[str
                     assert pattern.fullmatch(sample), f"the ServiceMonitor drops {sample}"
     names = {m for _, value in _walk(monitor) if isinstance(value, str) for m in _METRIC.findall(value)}
     assert names <= app_metrics.keys()
+
+
+def test_probes_and_scrapes_need_no_api_key(served_with_api_key: TestClient) -> None:
+    """Kubelet probes and Prometheus scrapes send no Authorization header, even when the Secret is set."""
+    paths = {"/metrics"}
+    for kind, directory in (("Deployment", "kubernetes"), ("ServingRuntime", "kserve")):
+        for container in _containers(_one(kind, directory)):
+            paths |= {probe["httpGet"]["path"] for probe in _probes(container).values()}
+    for path in sorted(paths):
+        assert _answers(served_with_api_key, path), f"{path} asks for the API key"
+    # ...while the API itself does.
+    assert served_with_api_key.get("/models").status_code == 401
