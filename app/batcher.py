@@ -152,6 +152,12 @@ class Batcher:
         """Start the worker task on the running loop (the reference is kept, so it is never collected)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher:{self.name}")
+            self._task.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Never expected: every batch's errors are caught. Say so loudly rather than hang callers.
+            logger.critical("batcher worker died", exc_info=task.exception(), extra={"model": self.name})
 
     async def stop(self) -> None:
         """Stop the worker and answer every waiting or running request with `NotReady`."""
@@ -319,10 +325,10 @@ class Batcher:
                 self._metrics.queue_duration.observe(now - request.enqueued_at)
         rows = [request.rows for request in batch]
         self._in_flight = batch
-        started = time.perf_counter()
+        seconds = 0.0
         try:
             inputs = batch[0].inputs if len(batch) == 1 else self._collate([r.inputs for r in batch])
-            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            outputs, seconds = await loop.run_in_executor(self._executor, self._timed_run, inputs)
             pieces = split_rows(outputs, rows)
         except Exception as err:
             logger.error(
@@ -337,11 +343,17 @@ class Batcher:
         finally:
             self._in_flight = []
             if self._metrics is not None:
-                self._metrics.inference_duration.observe(time.perf_counter() - started)
+                self._metrics.inference_duration.observe(seconds)
                 self._metrics.batch_rows.observe(sum(rows))
         for request, piece in zip(batch, pieces, strict=True):
             if not request.future.done():
                 request.future.set_result(piece)
+
+    def _timed_run(self, inputs: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], float]:
+        """The model call and its duration, measured in the inference thread (no queueing for the thread)."""
+        started = time.perf_counter()
+        outputs = self._run(inputs)
+        return outputs, time.perf_counter() - started
 
     @staticmethod
     def _failure(err: Exception, rows: int) -> ModelServeError:
