@@ -10,7 +10,7 @@
 #
 # BASE_IMAGE needs python3 >= 3.11 with the venv module. python:3.12-slim has it; so does Debian bookworm
 # with python3-venv, which `make container-test` builds locally where no registry is reachable
-# (tests/container/conftest.py). Only `python3` is called here: such a base has no `python`.
+# (tests/container/container_harness.py). Only `python3` is called here: such a base has no `python`.
 
 ARG BASE_IMAGE=python:3.12-slim
 # onnxruntime-gpu on PyPI is built for one CUDA major (1.31: CUDA 13 + cuDNN 9); keep the pair matched.
