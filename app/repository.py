@@ -140,12 +140,12 @@ class LoadedModel:
         self.input_names = [spec.name for spec in self.inputs]
         self.output_names = [spec.name for spec in self.outputs]
         self._specs = {spec.name: spec for spec in self.inputs}
+        self._check_conventions()  # before anything below relies on the dtypes being numpy ones
         self._dtypes = {spec.name: np.dtype(spec.dtype) for spec in self.inputs}
         self.pads_sequences = {SEQUENCE_INPUT, MASK_INPUT} == set(self.input_names) and len(
             self._specs[SEQUENCE_INPUT].shape
         ) == 3
         self.batchable = all(spec.shape and spec.shape[0] == -1 for spec in self.inputs)
-        self._check_conventions()
 
     @property
     def task(self) -> str:
