@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
 from app.main import create_app
@@ -112,3 +113,40 @@ def test_default_live_server_answers_concurrent_requests(live_server: str, model
     for (kind, _, arrays), response in zip(requests, asyncio.run(run_all()), strict=True):
         assert response.status_code == 200, response.text
         check(kind, response.json(), reference_outputs(model_repository, kind, version[kind], arrays))
+
+
+@pytest.mark.timeout(120)
+def test_bad_requests_mixed_with_good_ones_never_cost_a_good_answer(
+    batching_server: str, model_repository: Path
+) -> None:
+    """Every case of the bad-input table, sent concurrently with good requests sharing their batches."""
+    from tests.serving.test_bad_input import CASES
+
+    rng = np.random.default_rng(3)
+    good = [make_request(rng, i) for i in range(120)]
+    bad = [
+        (case[1], case[2], case[3]) for case in CASES if case[3] != 413
+    ]  # the live server's body limit is large
+    version = {"clf": 2, "reg": 1, "multi": 1, "seq": 1}
+
+    async def run_all() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=batching_server, limits=limits, timeout=60) as client:
+            bad_calls = [
+                client.post(
+                    "/predict",
+                    content=payload if isinstance(payload, bytes) else orjson.dumps(payload),
+                    headers={"Content-Type": content_type},
+                )
+                for payload, content_type, _ in bad * 3
+            ]
+            good_calls = [client.post("/predict", json=body) for _, body, _ in good]
+            answers = await asyncio.gather(*good_calls, *bad_calls)
+            return list(answers[: len(good)]), list(answers[len(good) :])
+
+    good_answers, bad_answers = asyncio.run(run_all())
+    for (kind, _, arrays), response in zip(good, good_answers, strict=True):
+        assert response.status_code == 200, response.text
+        check(kind, response.json(), reference_outputs(model_repository, kind, version[kind], arrays))
+    for (_, _, status), response in zip(bad * 3, bad_answers, strict=True):
+        assert response.status_code == status, response.text
