@@ -204,9 +204,10 @@ class Batcher:
                 if self._closed:
                     raise NotReady("the server is shutting down", self.retry_after_seconds)
         elif self._foreground_rows and self._foreground_rows + rows > self.max_queue_rows:
+            hint = "retry later" if rows <= self.max_queue_rows else "send fewer rows per request"
             raise Overloaded(
-                f"model {self.name!r} has {self._foreground_rows} rows queued (limit {self.max_queue_rows}); "
-                "retry later",
+                f"model {self.name!r} has {self._foreground_rows} rows queued and the limit is "
+                f"{self.max_queue_rows}; {hint}",
                 self.retry_after_seconds,
             )
         loop = asyncio.get_running_loop()
