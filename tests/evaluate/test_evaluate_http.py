@@ -344,3 +344,41 @@ def test_prometheus_gauge_is_set(client: TestClient) -> None:
     assert accuracy, lines
     assert close(float(accuracy[0].rsplit(" ", 1)[1]), report["accuracy"])
     assert any('metric="f1_macro"' in line for line in lines)
+
+
+def test_openapi_documents_evaluate(client: TestClient) -> None:
+    operation = client.get("/openapi.json").json()["paths"]["/evaluate"]["post"]
+    assert operation["operationId"] == "evaluate"
+    assert "text/csv" in operation["requestBody"]["content"]
+
+
+def test_api_key_is_required(repo: Path) -> None:
+    settings = Settings(model_repository=repo, api_key="s3cret", access_log=False)
+    body = {"model": "clf", "inputs": X[:5].tolist(), "labels": Y_NAMES[:5]}
+    with TestClient(create_app(settings)) as keyed:
+        assert keyed.post("/evaluate", json=body).status_code == 401
+        answer = keyed.post("/evaluate", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert answer.status_code == 200, answer.text
+
+
+def test_evaluation_yields_to_interactive_requests_but_not_forever(client: TestClient) -> None:
+    import asyncio
+    import time
+
+    from app.evaluate.routes import MAX_YIELD_SECONDS, EvaluateEndpoint
+
+    app = client.app
+    endpoint = EvaluateEndpoint(app.state.dataplane, app.state.metrics, app.state.settings)  # type: ignore[attr-defined]
+    gauge = app.state.metrics.inflight_requests.labels(endpoint="/predict")  # type: ignore[attr-defined]
+
+    def timed() -> float:
+        started = time.perf_counter()
+        asyncio.run(endpoint._yield_to_interactive())
+        return time.perf_counter() - started
+
+    assert timed() < MAX_YIELD_SECONDS / 2  # nothing interactive in flight: no wait
+    gauge.inc()
+    try:
+        assert MAX_YIELD_SECONDS <= timed() < 1.0  # waits while /predict is busy, but boundedly
+    finally:
+        gauge.dec()

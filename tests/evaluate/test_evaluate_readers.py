@@ -238,3 +238,28 @@ def test_json_envelope_errors() -> None:
     with pytest.raises(InvalidInput, match="top_k"):
         EvaluationOptions.parse(top_k=0)
     assert EvaluationOptions.parse("nan", "3", "dog") == EvaluationOptions("nan", 3, "dog")
+
+
+def test_json_inputs_by_name_for_multi_input_models() -> None:
+    schema = Schema(
+        "regression",
+        None,
+        (
+            TensorSpec(name="a", dtype="float32", shape=[-1, 2]),
+            TensorSpec(name="b", dtype="float32", shape=[-1, 1]),
+        ),
+    )
+    request = parse_json_body(
+        b'{"model": "m", "inputs": {"a": [[1,2],[3,4]], "b": [[5],[6]]}, "labels": [1, 2.5]}'
+    )
+    (chunk,) = collect(json_chunks(request, schema, 10))
+    assert chunk.inputs["a"].tolist() == [[1, 2], [3, 4]]
+    assert chunk.targets.tolist() == [1.0, 2.5]
+    bad = parse_json_body(b'{"model": "m", "inputs": {"a": [[1,2],[3,4]], "b": [[5]]}, "labels": [1, 2]}')
+    with pytest.raises(InvalidInput, match="different numbers of rows"):
+        collect(json_chunks(bad, schema, 10))
+    rows = parse_json_body(
+        b'{"model": "m", "inputs": [{"a": [1,2], "b": [5]}, {"a": [1,2]}], "labels": [1, 2]}'
+    )
+    with pytest.raises(InvalidInput, match="row 2: input 'b' is missing"):
+        collect(json_chunks(rows, schema, 10))
