@@ -20,9 +20,12 @@ Semantics follow scikit-learn (the test oracle; never imported here):
 * Log loss clips probabilities to ``[eps, 1 - eps]`` with ``eps`` the machine epsilon of the
   probabilities' dtype (scikit-learn ≥ 1.5), then sums ``-log p[true class]`` in float64.
 * Binary ROC AUC is exact: the accumulator keeps, per *distinct* score, how many positive and negative
-  rows had it (ties count half, as the trapezoid of ``roc_curve`` does). Memory is O(distinct scores),
-  not O(rows): 16 bytes per distinct value, at most one per row (16 MB for a million rows of float32
-  scores); a histogram would be bounded but not exact. Only two-class models keep it.
+  rows had it (ties count half, as the trapezoid of ``roc_curve`` does), compacted LSM-style (pending
+  chunks are merged once they outgrow the merged part, so the sorting cost stays O(n log n) overall).
+  Memory is O(distinct scores), not O(rows): 20 bytes per distinct float32 score, at most one per row
+  (20 MB for a million rows, briefly about three times that while compacting). A histogram would be
+  bounded but not exact; float32 probabilities cap the distinct values at about 2**30. Only two-class
+  models keep this state.
 * Regression keeps running sums (squared and absolute error, max error) and the target's count, mean
   and centred sum of squares, merged with Chan's parallel formula. R² uses ``force_finite``: a constant
   target scores 1.0 for perfect predictions and 0.0 otherwise; fewer than two rows give NaN.

@@ -814,8 +814,16 @@ async def npz_chunks(
         async for piece in stream:
             size += len(piece)
             if max_bytes is not None and size > max_bytes:
-                raise PayloadTooLarge(f"the NPZ upload is larger than {max_bytes} bytes")
-            spool.write(piece)
+                raise PayloadTooLarge(
+                    f"the NPZ upload is larger than {max_bytes} bytes; stream CSV or NDJSON instead"
+                )
+            try:
+                spool.write(piece)
+            except OSError as err:  # a full or read-only temporary directory
+                raise PayloadTooLarge(
+                    f"the NPZ upload ({size} bytes so far) does not fit the server's temporary storage; "
+                    "stream CSV or NDJSON instead (they are never stored)"
+                ) from err
         if size == 0:
             raise InvalidInput("the evaluation set is empty: the body has no bytes (expected an NPZ archive)")
         spool.seek(0)

@@ -52,8 +52,9 @@ YIELD_STEP_SECONDS = 0.0005
 """While interactive requests are in flight, the evaluation checks again after this long ..."""
 MAX_YIELD_SECONDS = 0.05
 """... but waits at most this long per chunk, so a steady `/predict` load slows it without starving it."""
-MAX_UPLOAD_BYTES = 64 * 1024**3
-"""Largest NPZ upload spooled to disk (text formats are never stored, so they have no limit)."""
+MAX_UPLOAD_BYTES = 4 * 1024**3
+"""Largest NPZ upload (a zip needs random access, so it is spooled to a temporary file: the temporary
+directory must have room for it). Text formats are never stored, so they have no limit."""
 DRAIN_AFTER_ERROR_BYTES = 64 * 1024**2
 """After an early error, read (and drop) up to this much of the rest of the upload so that the client,
 still sending, gets the answer instead of a reset connection."""

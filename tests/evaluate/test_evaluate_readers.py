@@ -263,3 +263,21 @@ def test_json_inputs_by_name_for_multi_input_models() -> None:
     )
     with pytest.raises(InvalidInput, match="row 2: input 'b' is missing"):
         collect(json_chunks(rows, schema, 10))
+
+
+def test_npz_spool_that_does_not_fit_is_413(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.errors import PayloadTooLarge
+
+    with pytest.raises(PayloadTooLarge, match="larger than 100 bytes"):
+        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=Y_INDEX), 50), CLF, max_bytes=100))
+
+    class Full(io.BytesIO):
+        def write(self, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self) -> Full:
+            return self
+
+    monkeypatch.setattr("tempfile.SpooledTemporaryFile", lambda **_: Full())
+    with pytest.raises(PayloadTooLarge, match="temporary storage"):
+        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=Y_INDEX)), CLF))
