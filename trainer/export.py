@@ -114,10 +114,28 @@ def export_onnx(
             verbose=False,
         )
     proto = onnx.load(str(path))
+    _strip_stack_traces(proto.graph)
     for key, value in metadata_map.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+
+
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def _strip_stack_traces(graph: onnx.GraphProto) -> None:
+    """Drop the exporter's per-node Python stack traces: they hold absolute build paths and line
+    numbers, so the shipped file would change with every edit of the source and leak the build tree."""
+    for node in graph.node:
+        kept = [prop for prop in node.metadata_props if prop.key != STACK_TRACE_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+        for attribute in node.attribute:  # control-flow bodies (Loop, Scan, If) are graphs too
+            if attribute.HasField("g"):
+                _strip_stack_traces(attribute.g)
+            for subgraph in attribute.graphs:
+                _strip_stack_traces(subgraph)
 
 
 # Warnings torch 2.13's exporter raises about its own internals (checked harmless: parity still holds).

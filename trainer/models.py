@@ -171,7 +171,9 @@ class TransformerNet(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(x) + sinusoidal_positions(x.shape[1], self.d_model, x)
-        hidden = self.encoder(hidden, src_key_padding_mask=~mask)
+        # A row with no real step would mask every key and turn attention into NaN: let it see all.
+        ignore = ~mask & mask.any(dim=1, keepdim=True)
+        hidden = self.encoder(hidden, src_key_padding_mask=ignore)
         weights = mask.to(hidden.dtype).unsqueeze(2)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return self.head(self.norm(pooled))

@@ -104,6 +104,7 @@ def test_card_is_valid_and_matches_the_graph(exported: Exported) -> None:
     assert card.onnx.parity_max_abs_diff is not None
     assert card.onnx.parity_max_abs_diff < 1e-4
     assert not list(exported.version_dir.glob("*.data"))  # self-contained: no external data
+    assert b"site-packages" not in onnx_path.read_bytes()  # no build paths (exporter stack traces) shipped
     assert card.architecture == exported.config.model.architecture
     inputs = {spec.name: (spec.dtype, spec.shape) for spec in card.inputs}
     outputs = {spec.name: (spec.dtype, spec.shape) for spec in card.outputs}
@@ -146,6 +147,10 @@ def test_padding_does_not_change_a_sequence_result(
     ort_session = session(item.version_dir / ONNX_FILENAME)
     feeds = random_sequences(np.random.default_rng(1), 6, 25)
     padded_probabilities = ort_session.run(["probabilities"], feeds)[0]
+    empty = {"sequence": feeds["sequence"][:2], "mask": np.stack([feeds["mask"][0], np.zeros(25, bool)])}
+    assert np.all(
+        np.isfinite(ort_session.run(["probabilities"], empty)[0])
+    )  # an all-padding row stays finite
     for row, length in enumerate(feeds["mask"].sum(axis=1)):
         alone = {
             "sequence": feeds["sequence"][row : row + 1, :length],
