@@ -2,7 +2,8 @@
 
 Each subcommand lives in a module with a `add_*_command(subparsers)` function listed in `COMMANDS`;
 it registers its parser and sets `handler` (a function of the parsed args returning an exit status).
-Deliberate errors (`TrainerError`) print one line on stderr and exit with status 2, without a traceback.
+Deliberate errors (`TrainerError`) print one line on stderr and exit with status 2, without a traceback;
+anything unexpected prints one line too and exits 1 (`-v` shows the traceback).
 """
 
 from __future__ import annotations
@@ -138,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("modeltrain: interrupted\n")
         return EXIT_INTERRUPTED
+    except Exception as err:  # a bug or a library failure, not bad input
+        if args.verbose:
+            raise
+        sys.stderr.write(
+            f"modeltrain: internal error: {type(err).__name__}: {_one_line(str(err))[:500]} "
+            "(run with -v for the traceback)\n"
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -372,7 +372,8 @@ def export_to_repository(
         os.chmod(staging, 0o755)  # noqa: S103 - mkdtemp makes it private; the server may run as another user
         onnx_path = staging / ONNX_FILENAME
         labels_meta = {"labels": json.dumps(result.dataset.labels)} if result.dataset.labels else {}
-        example = parity_feeds(splits.train, np.arange(min(EXAMPLE_ROWS, len(splits.train))))
+        # A batch of one would let the exporter specialise the batch axis to 1: always trace several rows.
+        example = parity_feeds(splits.train, np.arange(EXAMPLE_ROWS) % len(splits.train))
         export_onnx(
             model, example, onnx_path, {"name": config.name, "version": str(config.version), **labels_meta}
         )
