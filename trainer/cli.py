@@ -32,13 +32,17 @@ EXIT_INTERRUPTED = 130
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments every training command shares: CONFIG, --output, --epochs, --replace, --threads, progress."""
-    parser.add_argument("config", type=Path, help="training config (YAML or JSON)")
+    parser.add_argument("config", type=Path, metavar="CONFIG", help="training config (YAML or JSON)")
     parser.add_argument(
         "--output", type=Path, required=True, help="model repository to write <name>/<version>/ into"
     )
-    parser.add_argument("--epochs", type=int, help="override optim.epochs (e.g. 2 for a smoke run)")
+    parser.add_argument(
+        "--epochs", type=int, metavar="N", help="override optim.epochs (e.g. 2 for a smoke run)"
+    )
     parser.add_argument("--replace", action="store_true", help="overwrite the version if it exists")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
 

@@ -335,7 +335,12 @@ def _move_into_place(staging: Path, target: Path, replace: bool) -> None:
             raise ExportError(f"{target} already exists; use --replace to overwrite it")
         retired = target.parent / f".retired-{target.name}-{uuid.uuid4().hex[:8]}"
         target.rename(retired)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:
+        if retired is not None:  # put the old version back rather than lose it
+            retired.rename(target)
+        raise
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
 
