@@ -34,7 +34,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments every training command shares: CONFIG, --output, --epochs, --replace, --threads, progress."""
     parser.add_argument("config", type=Path, metavar="CONFIG", help="training config (YAML or JSON)")
     parser.add_argument(
-        "--output", type=Path, required=True, help="model repository to write <name>/<version>/ into"
+        "--output",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="model repository to write <name>/<version>/ into",
     )
     parser.add_argument(
         "--epochs", type=int, metavar="N", help="override optim.epochs (e.g. 2 for a smoke run)"
