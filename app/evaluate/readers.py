@@ -22,7 +22,7 @@ import csv
 import math
 import tempfile
 import zipfile
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
@@ -43,6 +43,9 @@ SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
 DEFAULT_LABEL_COLUMN = "label"
 
 ByteStream = AsyncIterator[bytes]
+RowCount = int | Callable[[], int]
+"""Rows per chunk: a number, or a function asked before each chunk (the route shrinks chunks while
+interactive requests are being served)."""
 LabelKind = Literal["class name", "class index"]
 
 
@@ -353,6 +356,11 @@ def _finite_targets(out: npt.NDArray[np.float64], first_row: int) -> npt.NDArray
     return out
 
 
+def rows_of(count: RowCount) -> int:
+    """The current value of a `RowCount` (at least 1)."""
+    return max(1, count() if callable(count) else count)
+
+
 def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -561,7 +569,7 @@ async def _line_batches(
 
 
 async def ndjson_chunks(
-    stream: ByteStream, schema: Schema, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    stream: ByteStream, schema: Schema, chunk_rows: RowCount = DEFAULT_CHUNK_ROWS
 ) -> AsyncIterator[Chunk]:
     """Chunks of an NDJSON upload: one ``{"input": ..., "label": ...}`` per line."""
     shaper, encoder = InputShaper(schema), TargetEncoder(schema)
@@ -570,6 +578,7 @@ async def ndjson_chunks(
     row = 0
     line_no = 0
     first_row = 1
+    limit = rows_of(chunk_rows)
     async for lines in _line_batches(stream):
         for line in lines:
             line_no += 1
@@ -586,12 +595,13 @@ async def ndjson_chunks(
                 )
             items.append(obj["input"])
             labels.append(obj["label"])
-            if len(items) >= chunk_rows:
+            if len(items) >= limit:
                 yield Chunk(
                     shaper.from_rows(items, first_row), encoder.encode_values(labels, first_row), first_row
                 )
                 first_row = row + 1
                 items, labels = [], []
+                limit = rows_of(chunk_rows)
     if items:
         yield Chunk(shaper.from_rows(items, first_row), encoder.encode_values(labels, first_row), first_row)
     if row == 0:
@@ -631,7 +641,7 @@ async def csv_chunks(
     stream: ByteStream,
     schema: Schema,
     label_column: str | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: RowCount = DEFAULT_CHUNK_ROWS,
 ) -> AsyncIterator[Chunk]:
     """Chunks of a CSV upload: a header row, feature columns in order, and a label column."""
     if len(schema.inputs) != 1:
@@ -644,6 +654,7 @@ async def csv_chunks(
     layout: _CsvLayout | None = None
     pending: list[bytes] = []
     rows = 0
+    limit = rows_of(chunk_rows)
 
     def convert(lines: list[bytes]) -> Chunk:
         assert layout is not None
@@ -664,9 +675,10 @@ async def csv_chunks(
                 continue
             pending.append(line)
             rows += 1
-            if len(pending) >= chunk_rows:
+            if len(pending) >= limit:
                 yield convert(pending)
                 pending = []
+                limit = rows_of(chunk_rows)
     if layout is None:
         raise InvalidInput("the CSV is empty: no header row and no rows")
     if pending:
@@ -804,7 +816,7 @@ class _NpyRows:
 async def npz_chunks(
     stream: ByteStream,
     schema: Schema,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: RowCount = DEFAULT_CHUNK_ROWS,
     max_bytes: int | None = None,
     spool_memory_bytes: int = SPOOL_MEMORY_BYTES,
 ) -> AsyncIterator[Chunk]:
@@ -838,7 +850,7 @@ async def npz_chunks(
                 yield chunk
 
 
-def _npz_read(archive: zipfile.ZipFile, schema: Schema, chunk_rows: int) -> Iterator[Chunk]:
+def _npz_read(archive: zipfile.ZipFile, schema: Schema, chunk_rows: RowCount) -> Iterator[Chunk]:
     members = {name.removesuffix(".npy"): name for name in archive.namelist()}
     arrays = ", ".join(sorted(members)) or "none"
     if "labels" not in members:
@@ -860,13 +872,15 @@ def _npz_read(archive: zipfile.ZipFile, schema: Schema, chunk_rows: int) -> Iter
             _check_lengths(reader.rows, labels.rows, repr(keys[name]))
         shaper, encoder = InputShaper(schema), TargetEncoder(schema)
         spec_by_name = {spec.name: spec for spec in specs}
-        for start in range(0, labels.rows, chunk_rows):
-            count = min(chunk_rows, labels.rows - start)
+        start = 0
+        while start < labels.rows:
+            count = min(rows_of(chunk_rows), labels.rows - start)
             inputs = {
                 name: shaper.fit(reader.read(count), spec_by_name[name], start + 1)
                 for name, reader in readers.items()
             }
             yield Chunk(inputs, encoder.encode_array(labels.read(count), start + 1), start + 1)
+            start += count
     finally:
         for reader in (*readers.values(), labels):
             reader.close()

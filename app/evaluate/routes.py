@@ -13,6 +13,7 @@ After every evaluation ``modelserve_evaluation_score{model,metric}`` holds its s
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from contextlib import aclosing
 from typing import Any
@@ -44,10 +45,18 @@ from app.observability import UNKNOWN_MODEL, Metrics
 from app.settings import Settings
 
 ENDPOINT = "/evaluate"
-STREAM_CHUNK_ROWS = 128
-"""Rows parsed per step of a streamed upload: small enough that parsing one never holds the event loop
-for long (numpy's CSV parser holds the GIL, so a thread would not help), large enough to amortise
-numpy's per-call costs."""
+STREAM_CHUNK_ROWS = 512
+"""Rows parsed per step of a streamed upload while no interactive request is being served."""
+INTERACTIVE_CHUNK_ROWS = 128
+"""Rows per parsing step while interactive requests (`/predict`, V2 infer) are being served: parsing runs
+on the event loop and numpy's CSV parser holds the GIL (a thread would not help), so a step is what an
+arriving request may have to wait for."""
+INTERACTIVE_PIECE_ROWS = 16
+"""Evaluation rows per onnxruntime call while interactive requests are being served, one call at a
+time: the batch an interactive request may find in flight is small, and the model is idle between
+evaluation calls (the batcher already puts interactive rows ahead of queued evaluation rows)."""
+INTERACTIVE_WINDOW_SECONDS = 10.0
+"""How long after the last interactive request was seen the small steps above stay in force."""
 YIELD_STEP_SECONDS = 0.0005
 """While interactive requests are in flight, the evaluation checks again after this long ..."""
 MAX_YIELD_SECONDS = 0.05
@@ -118,6 +127,7 @@ class EvaluateEndpoint:
         self.metrics = metrics
         self.settings = settings
         self._inflight = metrics.inflight_requests.labels(endpoint=ENDPOINT)
+        self._interactive_seen_at = -math.inf
 
     async def _infer(self, model: Any, inputs: Tensors) -> Tensors:
         outputs: Tensors = await self.dataplane.infer(model, dict(inputs), background=True)
@@ -128,8 +138,26 @@ class EvaluateEndpoint:
         for metric in self.metrics.inflight_requests.collect():
             for sample in metric.samples:
                 if sample.value > 0 and sample.labels.get("endpoint") != ENDPOINT:
+                    self._interactive_seen_at = time.monotonic()
                     return True
         return False
+
+    def _interactive_lately(self) -> bool:
+        return time.monotonic() - self._interactive_seen_at < INTERACTIVE_WINDOW_SECONDS
+
+    def chunk_rows(self) -> int:
+        """Rows per parsing step now: large when alone, small while interactive requests come in."""
+        return INTERACTIVE_CHUNK_ROWS if self._interactive_lately() else STREAM_CHUNK_ROWS
+
+    def piece_rows(self) -> int:
+        """Rows per onnxruntime call now: a full batch when alone, a small one while interactive."""
+        batch = self.settings.max_batch_rows
+        return min(INTERACTIVE_PIECE_ROWS, batch) if self._interactive_lately() else batch
+
+    def pieces_in_flight(self) -> int:
+        """Evaluation calls in the batcher at once: two when alone (the model never waits), one while
+        interactive requests come in (the model is free between evaluation calls)."""
+        return 1 if self._interactive_lately() else 2
 
     async def _yield_to_interactive(self) -> None:
         """Hold the evaluation back (bounded) while interactive requests are in flight: parsing a chunk
@@ -154,8 +182,8 @@ class EvaluateEndpoint:
                     chunks,
                     lambda inputs: self._infer(model, inputs),
                     options,
-                    piece_rows=self.settings.max_batch_rows,
-                    max_inflight_pieces=2,
+                    piece_rows=self.piece_rows,
+                    max_inflight_pieces=self.pieces_in_flight,
                     pause=self._yield_to_interactive,
                 )
             self._publish(model.name, report)
@@ -206,11 +234,11 @@ class EvaluateEndpoint:
         stream = body.stream()
         chunks: Any
         if media in NDJSON_TYPES:
-            chunks = ndjson_chunks(stream, schema, STREAM_CHUNK_ROWS)
+            chunks = ndjson_chunks(stream, schema, self.chunk_rows)
         elif media in CSV_TYPES:
-            chunks = csv_chunks(stream, schema, query.get("label_column") or None, STREAM_CHUNK_ROWS)
+            chunks = csv_chunks(stream, schema, query.get("label_column") or None, self.chunk_rows)
         else:
-            chunks = npz_chunks(stream, schema, STREAM_CHUNK_ROWS, max_bytes=MAX_UPLOAD_BYTES)
+            chunks = npz_chunks(stream, schema, self.chunk_rows, max_bytes=MAX_UPLOAD_BYTES)
         return model, options, chunks
 
     def _publish(self, model: str, report: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.errors import InvalidInput
-from app.evaluate.readers import Chunk, EvaluationOptions, Schema
+from app.evaluate.readers import Chunk, EvaluationOptions, RowCount, Schema, rows_of
 from app.model_card import LABEL_INDEX_OUTPUT, PROBABILITIES_OUTPUT, REGRESSION_OUTPUT
 from app.scoring import ClassificationAccumulator, RegressionAccumulator, default_top_k
 
@@ -99,9 +99,9 @@ class Evaluation:
         options: EvaluationOptions,
         infer: InferFn,
         *,
-        piece_rows: int = 64,
+        piece_rows: RowCount = 64,
         max_inflight_chunks: int = 2,
-        max_inflight_pieces: int | None = None,
+        max_inflight_pieces: RowCount | None = None,
         progress: ProgressFn | None = None,
         pause: PauseFn | None = None,
     ) -> None:
@@ -111,13 +111,15 @@ class Evaluation:
             model: the model; its ``task``, ``labels``, ``inputs`` and ``card`` are read.
             options: zero_division, top_k, pos_label.
             infer: runs the model on a dict of input arrays and returns its outputs for those rows.
-            piece_rows: rows per ``infer`` call (the batcher's batch size, so a long evaluation never
-                occupies the model for longer than one batch while `/predict` waits).
+            piece_rows: rows per ``infer`` call (at most the batcher's batch size, so a long evaluation
+                never occupies the model for longer than one batch while `/predict` waits); a number or
+                a function asked for each chunk.
             max_inflight_chunks: chunks read ahead while earlier ones are in the model.
             max_inflight_pieces: ``infer`` calls awaited at once (None: every piece of the chunks in
-                flight). Two keep the model busy (one runs while the next waits) while the batcher never
-                holds more than one piece to merge, so a batch of evaluation rows, which an interactive
-                request may have to wait for, stays at ``piece_rows``.
+                flight); a number or a function asked before each call. Two keep the model busy (one
+                runs while the next waits) while the batcher never holds more than one piece to merge,
+                so a batch of evaluation rows, which an interactive request may have to wait for, stays
+                at ``piece_rows``; one leaves the model idle between pieces, for interactive requests.
             progress: called with the number of rows scored after each chunk.
             pause: awaited before each chunk is read: lets the caller hold the evaluation back while
                 interactive requests are served (parsing runs on the event loop).
@@ -126,11 +128,13 @@ class Evaluation:
         self.schema = Schema.of(model)
         self.options = options
         self.infer = infer
-        self.piece_rows = max(1, piece_rows)
+        self.piece_rows = piece_rows
         self.max_inflight_chunks = max(1, max_inflight_chunks)
         self.progress = progress
         self.pause = pause
-        self._piece_slots = asyncio.Semaphore(max_inflight_pieces) if max_inflight_pieces else None
+        self.max_inflight_pieces = max_inflight_pieces
+        self._pieces_in_flight = 0
+        self._piece_done = asyncio.Condition()
         self.accumulator: ClassificationAccumulator | RegressionAccumulator
         if self.schema.classification:
             labels = self.schema.labels or ()
@@ -146,10 +150,10 @@ class Evaluation:
             self.accumulator = RegressionAccumulator()
 
     async def _infer_chunk(self, chunk: Chunk) -> Tensors:
-        rows = chunk.rows
+        rows, step = chunk.rows, rows_of(self.piece_rows)
         pieces = [
-            {name: array[start : start + self.piece_rows] for name, array in chunk.inputs.items()}
-            for start in range(0, rows, self.piece_rows)
+            {name: array[start : start + step] for name, array in chunk.inputs.items()}
+            for start in range(0, rows, step)
         ]
         tasks = [asyncio.ensure_future(self._infer_piece(piece)) for piece in pieces]
         try:
@@ -170,10 +174,18 @@ class Evaluation:
         }
 
     async def _infer_piece(self, piece: Tensors) -> Tensors:
-        if self._piece_slots is None:
+        limit = self.max_inflight_pieces
+        if limit is None:
             return await self.infer(piece)
-        async with self._piece_slots:
+        async with self._piece_done:
+            await self._piece_done.wait_for(lambda: self._pieces_in_flight < rows_of(limit))
+            self._pieces_in_flight += 1
+        try:
             return await self.infer(piece)
+        finally:
+            async with self._piece_done:
+                self._pieces_in_flight -= 1
+                self._piece_done.notify_all()
 
     def _count(self, chunk: Chunk, outputs: Tensors) -> None:
         if isinstance(self.accumulator, ClassificationAccumulator):
@@ -240,9 +252,9 @@ async def evaluate(
     infer: InferFn,
     options: EvaluationOptions,
     *,
-    piece_rows: int = 64,
+    piece_rows: RowCount = 64,
     max_inflight_chunks: int = 2,
-    max_inflight_pieces: int | None = None,
+    max_inflight_pieces: RowCount | None = None,
     progress: ProgressFn | None = None,
     pause: PauseFn | None = None,
 ) -> dict[str, Any]:

@@ -365,7 +365,13 @@ def test_evaluation_yields_to_interactive_requests_but_not_forever(client: TestC
     import asyncio
     import time
 
-    from app.evaluate.routes import MAX_YIELD_SECONDS, EvaluateEndpoint
+    from app.evaluate.routes import (
+        INTERACTIVE_CHUNK_ROWS,
+        INTERACTIVE_PIECE_ROWS,
+        MAX_YIELD_SECONDS,
+        STREAM_CHUNK_ROWS,
+        EvaluateEndpoint,
+    )
 
     app = client.app
     endpoint = EvaluateEndpoint(app.state.dataplane, app.state.metrics, app.state.settings)  # type: ignore[attr-defined]
@@ -377,8 +383,13 @@ def test_evaluation_yields_to_interactive_requests_but_not_forever(client: TestC
         return time.perf_counter() - started
 
     assert timed() < MAX_YIELD_SECONDS / 2  # nothing interactive in flight: no wait
+    alone = (endpoint.chunk_rows(), endpoint.piece_rows(), endpoint.pieces_in_flight())
+    assert alone == (STREAM_CHUNK_ROWS, 16, 2)  # this fixture's max_batch_rows is 16
     gauge.inc()
     try:
         assert MAX_YIELD_SECONDS <= timed() < 1.0  # waits while /predict is busy, but boundedly
     finally:
         gauge.dec()
+    # interactive traffic seen lately: small steps, one evaluation call at a time
+    shared = (endpoint.chunk_rows(), endpoint.piece_rows(), endpoint.pieces_in_flight())
+    assert shared == (INTERACTIVE_CHUNK_ROWS, min(16, INTERACTIVE_PIECE_ROWS), 1)
