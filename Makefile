@@ -45,7 +45,7 @@ bench: $(VENV)/.dev-installed
 models: $(VENV)/.dev-installed
 	@for cfg in $(MODEL_CONFIGS); do \
 		echo "== $$cfg"; \
-		$(BIN)/modeltrain fit $$cfg --output models --replace || exit 1; \
+		$(BIN)/modeltrain fit $$cfg --output models --replace --threads 1 || exit 1; \
 	done
 
 container-test: $(VENV)/.dev-installed
