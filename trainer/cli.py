@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig, load_config
+from trainer.distributed import BACKENDS, broadcast_flag, distributed_session
 from trainer.errors import ExportError, TrainerError
 
 log = logging.getLogger("trainer")
@@ -78,16 +79,39 @@ def add_fit_command(subparsers: Any) -> None:
         description="Train CONFIG, score its test split once, and export DIR/<name>/<version>/.",
     )
     add_common_arguments(parser)
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="process-group backend under torchrun: auto (nccl with a GPU per process, else gloo), "
+        "gloo or nccl; ignored in a single process",
+    )
     parser.set_defaults(handler=run_fit)
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    """Handler of `modeltrain fit`."""
+    """Handler of `modeltrain fit`, also as one of several torchrun processes.
+
+    Under torchrun every process trains its shard (DDP); only rank 0 exports, and the others wait
+    for it and exit with status 0 once its export succeeded.
+    """
     from trainer.fit import export_model, train_and_evaluate
 
-    config = load_run_config(args)
-    result = train_and_evaluate(config, progress=not args.no_progress)
-    version_dir = export_model(result, config, args.output, replace=args.replace)
+    config = load_run_config(args)  # a bad config or an existing version fails on every rank, early
+    with distributed_session(args.backend) as context:
+        if not context.is_main:
+            logging.getLogger("trainer").setLevel(logging.WARNING)  # rank 0 tells the story
+        result = train_and_evaluate(config, progress=not args.no_progress, distributed=context)
+        if not context.is_main:
+            if not broadcast_flag(context, False):  # wait for rank 0's export
+                raise ExportError(f"rank {context.rank}: rank 0 did not export (its error is above)")
+            return 0
+        exported = False
+        try:
+            version_dir = export_model(result, config, args.output, replace=args.replace)
+            exported = True
+        finally:
+            broadcast_flag(context, exported)
     log.info(
         "best epoch %d of %d, validation %s %.4f",
         result.best_epoch,

@@ -270,6 +270,7 @@ def build_card(
         "train_seconds": round(result.train_seconds, 2),
         "device": "cpu",
         "world_size": 1,
+        **result.distributed,  # world_size, backend, device, batch_size_per_process under torchrun
         "config": config.model_dump(mode="json"),
         **(training_info or {}),
     }

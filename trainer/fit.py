@@ -21,10 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from trainer.config import TrainConfig, metric_direction
 from trainer.data import Dataset, Split, Splits, load_dataset, split_dataset
+from trainer.distributed import SINGLE_PROCESS, DistContext, all_reduce_sum
 from trainer.errors import TrainerError
 from trainer.metrics import classification_scores, regression_scores
 from trainer.models import Pipeline, build_network, resolve_architecture
@@ -62,6 +65,8 @@ class TrainResult:
         architecture: the network built (mlp, cnn, gru, lstm, transformer).
         preprocessing: one `{"kind", "params"}` per step folded into the model.
         train_seconds: wall time of the training loop.
+        distributed: for a run of several processes, what the card's `training` records about it
+            (`world_size`, `backend`, `device`, `batch_size_per_process`); empty for one process.
     """
 
     model: Pipeline
@@ -77,6 +82,7 @@ class TrainResult:
     architecture: str
     preprocessing: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    distributed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,14 +129,23 @@ def _to_tensors(split: Split, target_mean: float, target_std: float, regression:
     return _Tensors(torch.from_numpy(split.x), y, None if mask is None else torch.from_numpy(mask))
 
 
+def _to_device(
+    device: torch.device, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if device.type == "cpu":
+        return x, y, mask
+    return x.to(device), y.to(device), None if mask is None else mask.to(device)
+
+
 @torch.no_grad()
 def predict_raw(model: Pipeline, data: _Tensors) -> torch.Tensor:
-    """Network outputs (logits, or standardized values) for every row, in eval mode."""
+    """Network outputs (logits, or standardized values) for every row, in eval mode, on the CPU."""
     model.eval()
+    device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(data), EVAL_BATCH_SIZE):
-        x, _, mask = data.rows(slice(start, start + EVAL_BATCH_SIZE))
-        chunks.append(model(x, mask))
+        x, _, mask = _to_device(device, *data.rows(slice(start, start + EVAL_BATCH_SIZE)))
+        chunks.append(model(x, mask).cpu())
     return torch.cat(chunks)
 
 
@@ -172,31 +187,75 @@ def _scheduler(
     return None
 
 
+@dataclass(frozen=True)
+class _Shard:
+    """How one process of a distributed run walks the training split."""
+
+    model: DistributedDataParallel
+    sampler: DistributedSampler[int]
+    batch_size: int
+
+
 def _train_epoch(
-    model: Pipeline,
+    model: nn.Module,
     data: _Tensors,
+    order: torch.Tensor,
+    batch_size: int,
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
     generator: torch.Generator,
     augment: bool,
-) -> float:
-    """One pass over the shuffled training split; returns the mean training loss."""
+    *,
+    task: str,
+    device: torch.device,
+) -> tuple[float, int]:
+    """One pass over the training rows `order`; returns the summed per-row loss and the row count."""
     model.train()
-    loss_fn = nn.functional.cross_entropy if model.task == "classification" else nn.functional.mse_loss
-    order = torch.randperm(len(data), generator=generator)
+    loss_fn = nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
     total = 0.0
-    for start in range(0, len(data), config.optim.batch_size):
-        x, y, mask = data.rows(order[start : start + config.optim.batch_size])
-        if augment:
+    for start in range(0, len(order), batch_size):
+        x, y, mask = data.rows(order[start : start + batch_size])
+        if augment:  # on the CPU, with this process's generator, before the batch moves to its device
             x = augment_images(x, config.preprocessing.augmentation, generator)
+        x, y, mask = _to_device(device, x, y, mask)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x, mask), y)
-        loss.backward()
+        loss.backward()  # under DDP this also averages the gradients over every process
         if config.optim.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
         optimizer.step()
         total += loss.item() * x.shape[0]
-    return total / len(data)
+    return total, len(order)
+
+
+def _shard(config: TrainConfig, model: Pipeline, train: _Tensors, context: DistContext) -> _Shard:
+    """Wrap `model` in DDP and give this process its share of the training split.
+
+    `optim.batch_size` stays the GLOBAL batch: each process takes `batch_size // world_size` rows per
+    step and DDP averages the gradients, so one step sees as many rows as a single-process step and a
+    config trains to the same quality whatever the process count. `DistributedSampler` reshuffles with
+    `config.seed` + epoch (the same permutation on every rank) and pads the split so that every rank
+    runs the same number of steps, as DDP requires.
+    """
+    per_process = max(1, config.optim.batch_size // context.world_size)
+    if per_process * context.world_size != config.optim.batch_size and context.is_main:
+        log.warning(
+            "optim.batch_size %d is not a multiple of %d processes: each takes %d rows per step",
+            config.optim.batch_size,
+            context.world_size,
+            per_process,
+        )
+    ddp = DistributedDataParallel(
+        model, device_ids=[context.device] if context.device.type == "cuda" else None
+    )
+    sampler: DistributedSampler[int] = DistributedSampler(
+        train,  # type: ignore[arg-type]  # only its length is used
+        num_replicas=context.world_size,
+        rank=context.rank,
+        shuffle=True,
+        seed=config.seed,
+    )
+    return _Shard(ddp, sampler, per_process)
 
 
 def build_pipeline(
@@ -226,7 +285,11 @@ def build_pipeline(
 
 
 def train_and_evaluate(
-    config: TrainConfig, *, epoch_callback: EpochCallback | None = None, progress: bool = True
+    config: TrainConfig,
+    *,
+    epoch_callback: EpochCallback | None = None,
+    progress: bool = True,
+    distributed: DistContext = SINGLE_PROCESS,
 ) -> TrainResult:
     """Train on the training split, scoring the validation split after every epoch.
 
@@ -237,7 +300,9 @@ def train_and_evaluate(
         config: the run to train.
         epoch_callback: called as `epoch_callback(epoch, validation_metrics)` after each epoch (1-based);
             it may raise (e.g. `optuna.TrialPruned`) to abandon the run, and the exception propagates.
-        progress: show a progress bar over epochs when stderr is a terminal.
+        progress: show a progress bar over epochs when stderr is a terminal (rank 0 only).
+        distributed: this process's place in a torchrun job (`trainer.distributed.distributed_session`);
+            every rank must call with the same config. The default trains in this process alone.
 
     Raises:
         DataError: the data cannot be loaded or split.
@@ -250,9 +315,17 @@ def train_and_evaluate(
     regression = config.task == "regression"
     train = _to_tensors(splits.train, float(model.target_mean), float(model.target_std), regression)
     n_classes = len(dataset.labels or ())
+    shard = None
+    if distributed.enabled:
+        # Same seed everywhere up to here: same split, preprocessing and initial weights on every rank
+        # (DDP broadcasts rank 0's anyway). From here each rank draws its own dropout masks and
+        # augmentations, seeded by seed + rank so the whole job is still reproducible.
+        torch.manual_seed(config.seed + distributed.rank)
+        model.to(distributed.device)
+        shard = _shard(config, model, train, distributed)
     optimizer = _optimizer(config, model.parameters())
     scheduler = _scheduler(config, optimizer)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + distributed.rank)
     augment = dataset.modality == "image" and config.preprocessing.augmentation.enabled
     metric = config.selection_metric
     sign = 1.0 if metric_direction(metric) == "maximize" else -1.0
@@ -261,7 +334,7 @@ def train_and_evaluate(
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
     started = time.perf_counter()
-    show_bar = progress and sys.stderr.isatty()
+    show_bar = progress and distributed.is_main and sys.stderr.isatty()
     bar = tqdm(
         range(1, config.optim.epochs + 1), desc=config.name, unit="epoch", disable=not show_bar, leave=False
     )
@@ -278,11 +351,37 @@ def train_and_evaluate(
     for epoch in bar:
         epoch_started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = _train_epoch(model, train, optimizer, config, generator, augment)
+        net: nn.Module = model
+        batch_size = config.optim.batch_size
+        if shard is None:
+            order = torch.randperm(len(train), generator=generator)
+        else:
+            shard.sampler.set_epoch(epoch)  # a new shuffle every epoch, the same one on every rank
+            net, order, batch_size = shard.model, torch.tensor(list(shard.sampler)), shard.batch_size
+        total, rows = _train_epoch(
+            net,
+            train,
+            order,
+            batch_size,
+            optimizer,
+            config,
+            generator,
+            augment,
+            task=config.task,
+            device=distributed.device,
+        )
+        # Under DDP every rank gets the same mean loss, so a divergence stops all of them together.
+        total, rows = all_reduce_sum(distributed, [total, rows])
+        train_loss = total / rows
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch}; lower optim.lr")
         if scheduler is not None:
             scheduler.step()
+        # Under DDP every rank scores the whole validation split (it is small) with the same weights:
+        # DDP keeps the parameters identical on every rank and the network has no per-rank state
+        # (no batch norm), so every rank gets the same metrics and takes the same best-epoch and
+        # early-stopping decisions without exchanging them; a rank 0 that decided alone would need a
+        # broadcast every epoch and one more way to fail (a divergence raised on rank 0 only).
         val_metrics, _ = score_split(model, splits.validation, n_classes)
         history.append(
             {
@@ -296,7 +395,7 @@ def train_and_evaluate(
         value = sign * val_metrics[metric]
         if best is None or value > best[0]:
             best = (value, epoch, copy.deepcopy(model.state_dict()), val_metrics)
-        bar.set_postfix(loss=f"{train_loss:.4f}", **{metric: f"{val_metrics[metric]:.4f}"})
+        bar.set_postfix({"loss": f"{train_loss:.4f}", f"val_{metric}": f"{val_metrics[metric]:.4f}"})
         log.log(
             epoch_log_level,
             "epoch %d: train_loss %.4f val_%s %.4f",
@@ -313,6 +412,7 @@ def train_and_evaluate(
     bar.close()
     assert best is not None  # epochs >= 1
     model.load_state_dict(best[2])
+    model.to("cpu")  # export and scoring run on the CPU; a no-op unless the run trained on a GPU
     model.eval()
     return TrainResult(
         model=model,
@@ -328,7 +428,19 @@ def train_and_evaluate(
         architecture=architecture,
         preprocessing=steps,
         train_seconds=time.perf_counter() - started,
+        distributed=_distributed_info(distributed, shard),
     )
+
+
+def _distributed_info(context: DistContext, shard: _Shard | None) -> dict[str, Any]:
+    if shard is None:
+        return {}
+    return {
+        "world_size": context.world_size,
+        "backend": context.backend,
+        "device": context.device.type,
+        "batch_size_per_process": shard.batch_size,
+    }
 
 
 def export_model(

@@ -39,6 +39,7 @@ from trainer.config import (
     TrainConfig,
     metric_direction,
 )
+from trainer.distributed import launched_by_torchrun
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -541,6 +542,8 @@ def run_tune(args: argparse.Namespace) -> int:
     """
     from trainer.cli import load_run_config
 
+    if launched_by_torchrun():  # every process would run the whole search and race to export
+        raise ConfigError("modeltrain tune runs in one process; under torchrun use modeltrain fit")
     check_trials(args.trials)
     config = load_run_config(args)
     if args.seed is not None:

@@ -56,6 +56,15 @@ def test_lower_is_better_metrics_are_negated_in_selection_value() -> None:
     assert result.validation_metrics["mse"] == min(row["val_mse"] for row in result.history)
 
 
+def test_validation_loss_can_select_the_best_epoch() -> None:
+    """`selection_metric: loss` once clashed with the progress bar's own `loss` field."""
+    result = train_and_evaluate(
+        tiny_config("wine", epochs=2, optim={"selection_metric": "loss"}), progress=True
+    )
+    assert result.selection_value == -result.validation_metrics["loss"]
+    assert result.validation_metrics["loss"] == min(row["val_loss"] for row in result.history)
+
+
 def test_early_stopping_keeps_the_best_weights() -> None:
     # A learning rate too small to change anything: no epoch beats the first.
     config = tiny_config("wine", epochs=20, optim={"lr": 1e-12, "early_stopping_patience": 2})
