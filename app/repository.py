@@ -11,7 +11,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,6 +297,16 @@ class LoadedModel:
             f"{self.where(spec.name)}: expected shape {_shape_text(expected)}, got {got}{hint}"
         )
 
+    @property
+    def sequence_channels(self) -> int:
+        """Values per step of the `sequence` input (-1: any); only for models that pad sequences."""
+        return self._specs[SEQUENCE_INPUT].shape[2]
+
+    def pad_sequences(self, sequences: Any, where: str = "inputs") -> dict[str, np.ndarray]:
+        """Ragged sequences → this model's `sequence` and `mask` inputs (see `pad_sequences`)."""
+        sequence, mask = pad_sequences(sequences, self.sequence_channels, where=where)
+        return {SEQUENCE_INPUT: sequence, MASK_INPUT: mask}
+
     # ------------------------------------------------------------------------------------------ batching
     def batch_signature(self, inputs: Mapping[str, np.ndarray]) -> Hashable:
         """Requests with equal signatures can share one onnxruntime call."""
@@ -327,6 +337,62 @@ class LoadedModel:
                 dtype = self._dtypes[spec.name]
                 sample[spec.name] = np.ones(shape, dtype) if dtype.kind == "b" else np.zeros(shape, dtype)
             self.run(sample)
+
+
+def pad_sequences(
+    sequences: Any,
+    channels: int,
+    *,
+    where: str = "inputs",
+    row_name: Callable[[int], str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad sequences of different lengths with zeros and build the mask (true on real steps).
+
+    The one implementation behind every route that takes ragged sequences (`/predict`, `/evaluate`).
+
+    Args:
+        sequences: one sequence per row; a sequence is a non-empty list of steps, a step a list of
+            ``channels`` numbers (or a number when the model has one channel).
+        channels: values per step the model takes (-1: any, the same for every row).
+        where: how an error names the whole list (``inputs``).
+        row_name: how an error names row ``i`` (default ``inputs[i]``).
+
+    Returns:
+        ``(sequence [N, T, C] float64, mask [N, T] bool)``, T the longest sequence.
+
+    Raises:
+        InvalidInput: an empty list, an empty or non-numeric sequence, or steps of the wrong width.
+    """
+    name = row_name or (lambda i: f"{where}[{i}]")
+    if not isinstance(sequences, list) or not sequences:
+        raise InvalidInput(f"{where}: expected a non-empty list of sequences (each a list of steps)")
+    arrays = []
+    for i, sequence in enumerate(sequences):
+        if not isinstance(sequence, list) or not sequence:
+            raise InvalidInput(f"{name(i)}: expected a non-empty list of steps")
+        try:
+            steps = np.asarray(sequence)
+        except (ValueError, TypeError) as err:
+            raise InvalidInput(f"{name(i)}: every step needs the same number of values") from err
+        if steps.dtype.kind not in "iuf":
+            raise InvalidInput(f"{name(i)}: steps must be numbers")
+        if steps.ndim == 1 and channels in (1, -1):
+            steps = steps[:, None]
+        if steps.ndim != 2 or (channels != -1 and steps.shape[1] != channels):
+            raise InvalidInput(
+                f"{name(i)}: expected steps of {channels} value(s), got shape {list(steps.shape)}"
+            )
+        arrays.append(steps)
+    width = arrays[0].shape[1]
+    if any(a.shape[1] != width for a in arrays):
+        raise InvalidInput(f"{where}: every step of every sequence needs the same number of values")
+    longest = max(len(a) for a in arrays)
+    padded = np.zeros((len(arrays), longest, width), dtype=np.float64)
+    mask = np.zeros((len(arrays), longest), dtype=bool)
+    for i, steps in enumerate(arrays):
+        padded[i, : len(steps)] = steps
+        mask[i, : len(steps)] = True
+    return padded, mask
 
 
 def _pad_steps(part: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:

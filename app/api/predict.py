@@ -73,62 +73,20 @@ def decode_inputs(model: LoadedModel, raw: Any) -> dict[str, Any]:
     """
     if isinstance(raw, dict):
         if model.pads_sequences and SEQUENCE_INPUT in raw and MASK_INPUT not in raw:
-            return dict(
-                zip((SEQUENCE_INPUT, MASK_INPUT), pad_sequences(model, raw[SEQUENCE_INPUT]), strict=True)
-            )
+            return model.pad_sequences(raw[SEQUENCE_INPUT])
         return raw
     if not isinstance(raw, list):
         raise InvalidInput("inputs: expected a list of examples, or an object mapping input names to lists")
     if not raw:
         raise InvalidInput("inputs: empty; send at least one example")
     if model.pads_sequences:
-        return dict(zip((SEQUENCE_INPUT, MASK_INPUT), pad_sequences(model, raw), strict=True))
+        return model.pad_sequences(raw)
     if len(model.input_names) != 1:
         raise InvalidInput(
             f"inputs: model {model.name!r} takes several inputs {model.input_names}; "
             'send {"inputs": {"<input name>": [...], ...}}'
         )
     return {model.input_names[0]: raw}
-
-
-def pad_sequences(model: LoadedModel, sequences: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad sequences of different lengths and build the mask (true on real steps).
-
-    Each sequence is a list of steps; a step is a list of the model's channel count (or a number when the
-    model has one channel).
-    """
-    spec = next(s for s in model.inputs if s.name == SEQUENCE_INPUT)
-    channels = spec.shape[2]
-    if not isinstance(sequences, list) or not sequences:
-        raise InvalidInput("inputs: expected a non-empty list of sequences (each a list of steps)")
-    arrays = []
-    for i, sequence in enumerate(sequences):
-        where = f"inputs[{i}]"
-        if not isinstance(sequence, list) or not sequence:
-            raise InvalidInput(f"{where}: expected a non-empty list of steps")
-        try:
-            steps = np.asarray(sequence)
-        except (ValueError, TypeError) as err:
-            raise InvalidInput(f"{where}: every step needs the same number of values") from err
-        if steps.dtype.kind not in "iuf":
-            raise InvalidInput(f"{where}: steps must be numbers")
-        if steps.ndim == 1 and channels in (1, -1):
-            steps = steps[:, None]
-        if steps.ndim != 2 or (channels != -1 and steps.shape[1] != channels):
-            raise InvalidInput(
-                f"{where}: expected steps of {channels} value(s), got shape {list(steps.shape)}"
-            )
-        arrays.append(steps)
-    width = arrays[0].shape[1]
-    if any(a.shape[1] != width for a in arrays):
-        raise InvalidInput("inputs: every step of every sequence needs the same number of values")
-    longest = max(len(a) for a in arrays)
-    padded = np.zeros((len(arrays), longest, width), dtype=np.float64)
-    mask = np.zeros((len(arrays), longest), dtype=bool)
-    for i, steps in enumerate(arrays):
-        padded[i, : len(steps)] = steps
-        mask[i, : len(steps)] = True
-    return padded, mask
 
 
 # -------------------------------------------------------------------------------------------- encoding

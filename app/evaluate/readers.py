@@ -11,6 +11,11 @@ only: a CSV header and blank lines are not rows): labels not among the model's c
 labels of different lengths, an empty set, class names mixed with class indices, a CSV row with the
 wrong number of columns, a missing label column, a value that is not a number.
 
+A sequence model (`sequence` + `mask` inputs) takes ragged rows as `/predict` does: in JSON and NDJSON one
+list of steps per row (a step a list of channels, or a number for one channel), padded and masked by the
+core's `pad_sequences`; in NPZ ``inputs`` right-padded [N, steps, channels] with ``lengths`` [N] or
+``mask`` [N, steps]. CSV, one flat row per example, cannot carry them (400).
+
 Labels are class names or class indices. JSON says which by type (string or integer). In CSV and NPZ
 string labels a value that names a class is a class name, else an integer is a class index; a set must
 use one kind throughout.
@@ -32,6 +37,7 @@ import orjson
 
 from app.errors import InvalidInput, PayloadTooLarge
 from app.model_card import TensorSpec
+from app.repository import MASK_INPUT, SEQUENCE_INPUT, pad_sequences
 from app.scoring import ZeroDivision, parse_zero_division
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -78,6 +84,8 @@ class Schema:
     task: str
     labels: tuple[str, ...] | None
     inputs: tuple[TensorSpec, ...]
+    pads_sequences: bool = False
+    """A sequence model (`sequence` + `mask` inputs): rows are ragged sequences, padded by the core."""
 
     @classmethod
     def of(cls, model: Any) -> Schema:
@@ -87,7 +95,14 @@ class Schema:
             task=str(model.task),
             labels=tuple(labels) if labels else None,
             inputs=tuple(model.inputs),
+            pads_sequences=bool(getattr(model, "pads_sequences", False)),
         )
+
+    @property
+    def sequence_channels(self) -> int:
+        """Values per step of a sequence model's `sequence` input (-1: any)."""
+        spec = next(spec for spec in self.inputs if spec.name == SEQUENCE_INPUT)
+        return spec.shape[2]
 
     @property
     def classification(self) -> bool:
@@ -311,7 +326,7 @@ class TargetEncoder:
             if bad.size:
                 i = int(bad[0])
                 raise InvalidInput(
-                    f"row {first_row + i}: label {values[i]!r} is not a class index (an integer)"
+                    f"row {first_row + i}: label {values[i].item()!r} is not a class index (an integer)"
                 )
             values = values.astype(np.int64)
         if values.dtype.kind not in "iu":
@@ -386,11 +401,50 @@ class InputShaper:
 
     def __init__(self, schema: Schema) -> None:
         """Prepare for the model's inputs."""
+        self.schema = schema
         self.specs = schema.inputs
         self.names = [spec.name for spec in schema.inputs]
+        self._spec_by_name = {spec.name: spec for spec in schema.inputs}
+
+    def takes_ragged(self, columns: Mapping[str, Any]) -> bool:
+        """Whether ``{input name: rows}`` gives a sequence model only its sequences (the mask is built)."""
+        return self.schema.pads_sequences and SEQUENCE_INPUT in columns and MASK_INPUT not in columns
+
+    def _sequences(self, sequences: list[Any], first_row: int) -> dict[str, npt.NDArray[Any]]:
+        """Ragged sequences → padded `sequence` and `mask` (the core's padding), checked like any input."""
+        last = first_row + len(sequences) - 1
+        sequence, mask = pad_sequences(
+            sequences,
+            self.schema.sequence_channels,
+            where=f"rows {first_row}-{last}",
+            row_name=lambda i: f"row {first_row + i}",
+        )
+        return self.sequence_inputs(sequence, mask, first_row)
+
+    def sequence_inputs(
+        self, sequence: npt.NDArray[Any], mask: npt.NDArray[np.bool_], first_row: int
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Padded sequences and their mask → the model's inputs: padding zeroed, trailing padding that no
+        row of these uses trimmed, dtype, shape and finiteness checked."""
+        real = mask.any(axis=0)
+        steps = int(np.flatnonzero(real)[-1]) + 1 if real.any() else 0
+        sequence, mask = sequence[:, :steps], mask[:, :steps]
+        sequence = np.where(mask[:, :, None], sequence, 0)
+        return {
+            SEQUENCE_INPUT: self.fit(sequence, self._spec_by_name[SEQUENCE_INPUT], first_row),
+            MASK_INPUT: self.fit(mask, self._spec_by_name[MASK_INPUT], first_row),
+        }
 
     def from_rows(self, items: Sequence[Any], first_row: int) -> dict[str, npt.NDArray[Any]]:
-        """One item per row: the input's value (single-input model) or an object by input name."""
+        """One item per row: the input's value (single-input model) or an object by input name.
+
+        A sequence model takes one sequence per row (a list of steps, or ``{"sequence": steps}``), of any
+        length: the rows are right-padded and the mask is built, exactly as `/predict` does.
+        """
+        if self.schema.pads_sequences:
+            return self._sequences(
+                [_sequence_of(item, first_row + i) for i, item in enumerate(items)], first_row
+            )
         if len(self.specs) == 1:
             spec = self.specs[0]
             return {spec.name: self._array(items, spec, first_row)}
@@ -414,6 +468,8 @@ class InputShaper:
         self, columns: Mapping[str, Sequence[Any]], start: int, stop: int
     ) -> dict[str, npt.NDArray[Any]]:
         """Rows ``start:stop`` (0-based) of ``{input name: [one value per row]}``."""
+        if self.takes_ragged(columns):
+            return self._sequences(list(columns[SEQUENCE_INPUT][start:stop]), start + 1)
         return {
             spec.name: self._array(columns[spec.name][start:stop], spec, start + 1) for spec in self.specs
         }
@@ -426,7 +482,8 @@ class InputShaper:
                 raise InvalidInput(
                     f"{_rows(first_row, arr)}: input {spec.name!r} must be numbers, got {arr.dtype}"
                 )
-            arr = arr.astype(dtype)
+            with np.errstate(over="ignore"):  # a value beyond float32 becomes inf: reported below
+                arr = arr.astype(dtype)
         dims = list(spec.shape[1:])
         if arr.ndim == 1 and dims == [1]:
             arr = arr.reshape(-1, 1)
@@ -483,6 +540,19 @@ def _locate_bad_row(
     return InvalidInput(f"input {spec.name!r} is not a rectangular array of numbers")
 
 
+def _sequence_of(item: Any, row: int) -> Any:
+    """A sequence model's row: its list of steps, given bare or as ``{"sequence": steps}``."""
+    if not isinstance(item, dict):
+        return item
+    if set(item) != {SEQUENCE_INPUT}:
+        raise InvalidInput(
+            f"row {row}: a sequence model takes each row as a list of steps (or "
+            f"{{{SEQUENCE_INPUT!r}: steps}}); got the keys {sorted(item)} (the mask is built from the "
+            "sequence's length)"
+        )
+    return item[SEQUENCE_INPUT]
+
+
 # ------------------------------------------------------------------------------------------ JSON
 
 
@@ -498,11 +568,12 @@ def _json_chunks(request: JsonEvaluation, schema: Schema, chunk_rows: int) -> It
     shaper, encoder = InputShaper(schema), TargetEncoder(schema)
     inputs, labels = request.inputs, request.labels
     if isinstance(inputs, dict):
-        missing = [name for name in shaper.names if name not in inputs]
-        extra = sorted(set(inputs) - set(shaper.names))
+        names = [SEQUENCE_INPUT] if shaper.takes_ragged(inputs) else shaper.names
+        missing = [name for name in names if name not in inputs]
+        extra = sorted(set(inputs) - set(names))
         if missing or extra:
             raise InvalidInput(
-                f"'inputs' must name the model's inputs {shaper.names}"
+                f"'inputs' must name the model's inputs {names}"
                 + (f"; missing {missing}" if missing else "")
                 + (f"; unknown {extra}" if extra else "")
             )
@@ -644,6 +715,12 @@ async def csv_chunks(
     chunk_rows: RowCount = DEFAULT_CHUNK_ROWS,
 ) -> AsyncIterator[Chunk]:
     """Chunks of a CSV upload: a header row, feature columns in order, and a label column."""
+    if schema.pads_sequences:
+        raise InvalidInput(
+            "CSV cannot carry variable-length sequences (one flat row of features per example); evaluate "
+            "a sequence model with JSON or NDJSON (one list of steps per row), or NPZ ('inputs' "
+            "[N, steps, channels] right-padded, with 'lengths' [N] or 'mask' [N, steps])"
+        )
     if len(schema.inputs) != 1:
         raise InvalidInput(
             f"CSV evaluation needs a model with one input; this one has {len(schema.inputs)} "
@@ -855,6 +932,9 @@ def _npz_read(archive: zipfile.ZipFile, schema: Schema, chunk_rows: RowCount) ->
     arrays = ", ".join(sorted(members)) or "none"
     if "labels" not in members:
         raise InvalidInput(f"the NPZ archive has no 'labels' array (arrays: {arrays})")
+    if schema.pads_sequences:
+        yield from _npz_sequences(archive, members, schema, chunk_rows)
+        return
     specs = schema.inputs
     keys: dict[str, str] = {}
     if len(specs) == 1 and "inputs" in members:
@@ -884,3 +964,100 @@ def _npz_read(archive: zipfile.ZipFile, schema: Schema, chunk_rows: RowCount) ->
     finally:
         for reader in (*readers.values(), labels):
             reader.close()
+
+
+def _npz_sequences(
+    archive: zipfile.ZipFile, members: Mapping[str, str], schema: Schema, chunk_rows: RowCount
+) -> Iterator[Chunk]:
+    """A sequence model's NPZ: ``inputs`` (or ``sequence``) [N, steps, channels] right-padded ([N, steps]
+    for a one-channel model), with ``lengths`` [N] (real steps per row) or ``mask`` [N, steps] (true on
+    real steps); with neither, every step is real."""
+    arrays = ", ".join(sorted(members))
+    key = next((k for k in ("inputs", SEQUENCE_INPUT) if k in members), None)
+    if key is None:
+        raise InvalidInput(
+            "the NPZ archive has no 'inputs' array (right-padded sequences [N, steps, channels], with "
+            f"'lengths' [N] or 'mask' [N, steps]) (arrays: {arrays})"
+        )
+    if "lengths" in members and MASK_INPUT in members:
+        raise InvalidInput("the NPZ archive has both 'lengths' and 'mask'; give one of them")
+    steps_key = next((k for k in ("lengths", MASK_INPUT) if k in members), None)
+    sequences = _NpyRows(archive, members[key], key)
+    steps = _NpyRows(archive, members[steps_key], steps_key) if steps_key else None
+    labels = _NpyRows(archive, members["labels"], "labels")
+    try:
+        channels, shape = schema.sequence_channels, sequences.shape
+        if not (
+            (len(shape) == 2 and channels in (1, -1)) or (len(shape) == 3 and channels in (-1, shape[2]))
+        ):
+            flat = " (or [N, steps] for one channel)" if channels in (1, -1) else ""
+            raise InvalidInput(
+                f"{key!r} has shape {list(shape)}; the model takes right-padded sequences "
+                f"[N, steps, {channels}]{flat}"
+            )
+        if sequences.dtype.kind not in "biuf":
+            raise InvalidInput(f"{key!r} must hold numbers, got dtype {sequences.dtype}")
+        _check_lengths(sequences.rows, labels.rows, repr(key))
+        if steps is not None:
+            expected = [shape[0]] if steps_key == "lengths" else list(shape[:2])
+            if list(steps.shape) != expected:
+                what = "one length per row" if steps_key == "lengths" else f"one flag per step of {key!r}"
+                raise InvalidInput(
+                    f"{steps_key!r} has shape {list(steps.shape)}, expected {expected} ({what})"
+                )
+        shaper, encoder = InputShaper(schema), TargetEncoder(schema)
+        start = 0
+        while start < labels.rows:
+            count = min(rows_of(chunk_rows), labels.rows - start)
+            first = start + 1
+            sequence = sequences.read(count)
+            if sequence.ndim == 2:
+                sequence = sequence[:, :, None]
+            if steps is None:
+                mask = np.ones(sequence.shape[:2], dtype=bool)
+            elif steps_key == "lengths":
+                mask = _mask_from_lengths(steps.read(count), sequence.shape[1], first)
+            else:
+                mask = _mask_from_flags(steps.read(count), first)
+            inputs = shaper.sequence_inputs(sequence, mask, first)
+            yield Chunk(inputs, encoder.encode_array(labels.read(count), first), first)
+            start += count
+    finally:
+        for reader in (sequences, steps, labels):
+            if reader is not None:
+                reader.close()
+
+
+def _mask_from_lengths(lengths: npt.NDArray[Any], steps: int, first_row: int) -> npt.NDArray[np.bool_]:
+    """Real steps per row → the mask (true on the first ``length`` steps)."""
+    if lengths.dtype.kind == "f":
+        integral = np.isfinite(lengths) & (lengths == np.round(lengths))
+        bad = np.flatnonzero(~integral)
+        if bad.size:
+            i = int(bad[0])
+            raise InvalidInput(
+                f"row {first_row + i}: length {float(lengths[i])!r} is not a whole number of steps"
+            )
+    elif lengths.dtype.kind not in "iu":
+        raise InvalidInput(f"'lengths' must hold whole numbers of steps, got dtype {lengths.dtype}")
+    lengths = lengths.astype(np.int64)
+    bad = np.flatnonzero((lengths < 1) | (lengths > steps))
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidInput(
+            f"row {first_row + i}: length {int(lengths[i])} is not between 1 and {steps} "
+            "(the padded steps per row)"
+        )
+    mask: npt.NDArray[np.bool_] = np.arange(steps)[None, :] < lengths[:, None]
+    return mask
+
+
+def _mask_from_flags(flags: npt.NDArray[Any], first_row: int) -> npt.NDArray[np.bool_]:
+    """A mask array (true/false or 0/1) checked: every row has at least one real step."""
+    if flags.dtype.kind != "b" and not (flags.dtype.kind in "iu" and bool(np.isin(flags, (0, 1)).all())):
+        raise InvalidInput(f"'mask' must hold true/false (or 0/1), got dtype {flags.dtype}")
+    mask = flags.astype(bool)
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise InvalidInput(f"row {first_row + int(empty[0])}: the mask marks no real step")
+    return mask

@@ -255,7 +255,9 @@ EVALUATE_OPERATION: dict[str, Any] = {
         '`{"model", "inputs", "labels", "version"?, "zero_division"?, "top_k"?, "pos_label"?}`, or a '
         'streamed NDJSON (`application/x-ndjson`, one `{"input", "label"}` per line), CSV (`text/csv`, '
         "header row, label column named by `label_column`, default `label`) or NPZ (`application/x-npz`, "
-        "arrays `inputs` and `labels`) upload whose model is named in the query string."
+        "arrays `inputs` and `labels`) upload whose model is named in the query string. A sequence model "
+        "takes one list of steps per row (JSON, NDJSON), or NPZ `inputs` right-padded [N, steps, channels] "
+        "with `lengths` [N] or `mask` [N, steps]."
     ),
     "operationId": "evaluate",
     "tags": ["evaluation"],
