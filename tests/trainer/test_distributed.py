@@ -73,19 +73,19 @@ def test_two_processes_train_as_well_as_one_and_only_rank_0_exports(
     capsys.readouterr()
     done = torchrun(2, "fit", config, "--output", ddp_repo, "--threads", "1", "--no-progress")
     assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    assert "Warning" not in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
 
     version_dir = ddp_repo / "wine-ddp" / "1"
     # Only rank 0 exported: one version, one line on stdout, nothing else in the repository.
-    assert done.stdout.strip().splitlines() == [str(version_dir)]
+    assert done.stdout.strip().splitlines() == [str(version_dir)], (done.stdout, done.stderr)
     assert sorted(p.relative_to(ddp_repo).as_posix() for p in ddp_repo.rglob("*") if p.is_dir()) == [
         "wine-ddp",
         "wine-ddp/1",
     ]
     assert not list(ddp_repo.rglob(".*"))  # no staging or retired folders left
     # Rank 0 tells the story; the other rank trains quietly.
-    assert done.stderr.count("training wine-ddp") == 1
+    assert done.stderr.count("training wine-ddp") == 1, done.stderr
 
     ddp = ModelCard.read(version_dir / CARD_FILENAME)
     single = ModelCard.read(single_repo / "wine-ddp" / "1" / CARD_FILENAME)
