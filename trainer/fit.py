@@ -371,8 +371,8 @@ def train_and_evaluate(
             device=distributed.device,
         )
         # Under DDP every rank gets the same mean loss, so a divergence stops all of them together.
-        total, rows = all_reduce_sum(distributed, [total, rows])
-        train_loss = total / rows
+        loss_sum, row_count = all_reduce_sum(distributed, [total, rows])
+        train_loss = loss_sum / row_count
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch}; lower optim.lr")
         if scheduler is not None:
