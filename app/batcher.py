@@ -104,6 +104,7 @@ class Batcher:
         collate: Collate = concatenate,
         signature: Signature = shapes_without_batch,
         executor: Executor | None = None,
+        background_executor: Executor | None = None,
         metrics: ModelMetrics | None = None,
         name: str = "model",
     ) -> None:
@@ -119,6 +120,8 @@ class Batcher:
             collate: stacks the inputs of several requests into one batch.
             signature: requests batch together only when their signatures are equal.
             executor: where `run` executes (the loop's default executor when None).
+            background_executor: where a batch of background rows only executes (low-priority threads,
+                so that the CPU goes to interactive work first); `executor` when None.
             metrics: the model's bound metrics (queue time, inference time, batch rows, queue rows).
             name: the model's name, for logs.
         """
@@ -131,6 +134,7 @@ class Batcher:
         self._collate = collate
         self._signature = signature
         self._executor = executor
+        self._background_executor = background_executor or executor
         self._metrics = metrics
         self.name = name
         self._foreground: deque[_Request] = deque()
@@ -329,7 +333,9 @@ class Batcher:
         seconds = 0.0
         try:
             inputs = batch[0].inputs if len(batch) == 1 else self._collate([r.inputs for r in batch])
-            outputs, seconds = await loop.run_in_executor(self._executor, self._timed_run, inputs)
+            background = all(request.background for request in batch)
+            executor = self._background_executor if background else self._executor
+            outputs, seconds = await loop.run_in_executor(executor, self._timed_run, inputs)
             pieces = split_rows(outputs, rows)
         except Exception as err:
             logger.error(

@@ -21,6 +21,7 @@ from app.observability import Metrics
 from app.repository import LoadedModel, ModelLoadError, ModelSource, load_model, scan_repository
 from app.session import resolve_providers
 from app.settings import Settings
+from app.threads import lower_thread_priority
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class DataPlane:
         self._entries: dict[str, dict[int, _Entry]] = {}
         self._providers: list[str] = []
         self._executor: ThreadPoolExecutor | None = None
+        self._background_executor: ThreadPoolExecutor | None = None
         self._started = False
         self._stopping = False
         self._lock = asyncio.Lock()  # serializes load/unload
@@ -74,6 +76,13 @@ class DataPlane:
         # One batch runs at a time per model, so one thread per model (and a few spare) never queues.
         self._executor = ThreadPoolExecutor(
             max_workers=max(4, len(sources) + 2), thread_name_prefix="inference"
+        )
+        # Batches of `/evaluate` rows only run in low-priority threads: on a busy machine the scheduler
+        # gives the CPU to `/predict` first (see `app.threads`).
+        self._background_executor = ThreadPoolExecutor(
+            max_workers=max(4, len(sources) + 2),
+            thread_name_prefix="inference-bulk",
+            initializer=lower_thread_priority,
         )
         for source in sources:
             self._entries.setdefault(source.name, {})[source.version] = _Entry(source)
@@ -91,8 +100,9 @@ class DataPlane:
             for entry in versions.values():
                 if entry.batcher is not None:
                     await entry.batcher.stop()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._background_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
 
     async def _load(self, entry: _Entry) -> None:
         source = entry.source
@@ -143,6 +153,7 @@ class DataPlane:
             collate=model.collate,
             signature=model.batch_signature,
             executor=self._executor,
+            background_executor=self._background_executor,
             metrics=self.metrics.for_model(model.name),
             name=model.name,
         )

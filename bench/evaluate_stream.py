@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +118,9 @@ class RssSampler:
 
 
 @contextmanager
-def server(repository: Path) -> Iterator[tuple[int, int]]:
-    """`modelserve serve` in a subprocess; yields (port, pid) once ready."""
+def server(repository: Path, source: Path | None = None) -> Iterator[tuple[int, int]]:
+    """`modelserve serve` in a subprocess (from another source tree when `source` is given); yields
+    (port, pid) once ready."""
     port = free_port()
     env = {
         **os.environ,
@@ -128,8 +129,11 @@ def server(repository: Path) -> Iterator[tuple[int, int]]:
         "MODELSERVE_LOG_LEVEL": "warning",
         "MODELSERVE_ACCESS_LOG": "false",
     }
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve"],
+        cwd=source,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -277,11 +281,59 @@ def check_report(report: dict[str, Any], oracle: dict[str, Any]) -> dict[str, fl
     return diffs
 
 
+def evaluation_alone(port: int, pid: int, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The streamed evaluation with no other traffic: (report, figures)."""
+    baseline_rss = rss_bytes(pid)
+    with RssSampler(pid) as sampler:
+        report, seconds = stream_evaluation(port, path)
+    return report, {
+        "seconds": seconds,
+        "rows_per_second": report["n"] / seconds,
+        "rss_idle_mb": baseline_rss / 1e6,
+        "rss_peak_mb": sampler.peak / 1e6,
+        "rss_growth_mb": (sampler.peak - baseline_rss) / 1e6,
+    }
+
+
+def predict_during_evaluation(port: int, body: bytes, rows: int) -> tuple[list[float], float]:
+    """/predict latencies while a streamed evaluation runs, and the evaluation's seconds.
+
+    The upload runs in its own process so that it does not share this process's GIL with the /predict
+    client (which would inflate the client-side latencies measured here)."""
+    stop = threading.Event()
+    during: list[float] = []
+    thread = threading.Thread(target=lambda: during.extend(predict_loop(port, body, stop)))
+    thread.start()
+    try:
+        upload = subprocess.run(
+            [sys.executable, "-m", "bench.evaluate_stream", "--upload-to", str(port), "--rows", str(rows)],
+            cwd=Path(__file__).parent.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        stop.set()
+        thread.join()
+    return during, json.loads(upload.stdout)["seconds"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--predict-requests", type=int, default=2000, help="idle /predict samples")
-    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--predict-requests", type=int, default=2000, help="idle /predict samples per round")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="idle + during-evaluation /predict measurements per server"
+    )
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="another source tree (e.g. `git archive <commit> app | tar -x -C DIR`) served side by side: "
+        "every round measures both servers, in alternating order",
+    )
+    parser.add_argument("--skip-baseline", action="store_true", help="skip the in-process baseline")
     parser.add_argument("--upload-to", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.upload_to is not None:  # child process: one streamed evaluation, result on stdout
@@ -302,60 +354,52 @@ def main(argv: list[str] | None = None) -> int:
         "csv_mb": size_mb,
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
+        "rounds": args.rounds,
     }
+    sources: dict[str, Path | None] = {"current": None}
+    if args.compare_with is not None:
+        sources["compared"] = args.compare_with.resolve()
+        results["compared_source"] = str(sources["compared"])
 
-    with server(MODELS) as (port, pid):
-        # The evaluation alone first: a /predict seen in the last seconds switches the server to
-        # smaller evaluation steps (see app/evaluate/routes.py), which this phase must not measure.
-        baseline_rss = rss_bytes(pid)
-        with RssSampler(pid) as sampler:
-            report, seconds = stream_evaluation(port, path)
-        results["server"] = {
-            "seconds": seconds,
-            "rows_per_second": report["n"] / seconds,
-            "rss_idle_mb": baseline_rss / 1e6,
-            "rss_peak_mb": sampler.peak / 1e6,
-            "rss_growth_mb": (sampler.peak - baseline_rss) / 1e6,
-        }
-        assert report["n"] == args.rows
-        print(f"streamed evaluation: {results['server']}", flush=True)
-
-        predict_loop(port, predict_body, threading.Event(), 200)  # warm-up
-        idle = summary(predict_loop(port, predict_body, threading.Event(), args.predict_requests))
-        print(f"/predict idle: {idle}", flush=True)
-
-        # The upload runs in its own process so that it does not share this process's GIL with the
-        # /predict client (which would inflate the client-side latencies measured here).
-        stop = threading.Event()
-        during: list[float] = []
-        thread = threading.Thread(target=lambda: during.extend(predict_loop(port, predict_body, stop)))
-        thread.start()
-        upload = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.evaluate_stream",
-                "--upload-to",
-                str(port),
-                "--rows",
-                str(args.rows),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        seconds_loaded = json.loads(upload.stdout)["seconds"]
-        stop.set()
-        thread.join()
-        idle_after = summary(predict_loop(port, predict_body, threading.Event(), args.predict_requests))
-        results["predict"] = {
-            "idle": idle,
-            "idle_after": idle_after,
-            "during_evaluation": summary(during),
-            "evaluation_seconds_with_predict_traffic": seconds_loaded,
-        }
-        results["predict"]["p99_ratio"] = results["predict"]["during_evaluation"]["p99_ms"] / idle["p99_ms"]
-        print(f"/predict during evaluation: {results['predict']}", flush=True)
+    with ExitStack() as stack:
+        servers = {name: stack.enter_context(server(MODELS, source)) for name, source in sources.items()}
+        reports: dict[str, dict[str, Any]] = {}
+        for name, (port, pid) in servers.items():
+            # The evaluation alone first: a /predict seen in the last seconds switches the server to
+            # smaller evaluation steps (see app/evaluate/routes.py), which this phase must not measure.
+            reports[name], figures = evaluation_alone(port, pid, path)
+            assert reports[name]["n"] == args.rows
+            results[name] = {"server": figures}
+            print(f"[{name}] streamed evaluation alone: {figures}", flush=True)
+        samples = {name: {"idle": [], "during": [], "ratios": [], "seconds": []} for name in servers}
+        for round_ in range(args.rounds):
+            order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+            for name in order:
+                port, _ = servers[name]
+                predict_loop(port, predict_body, threading.Event(), 200)  # warm-up
+                idle = predict_loop(port, predict_body, threading.Event(), args.predict_requests)
+                during, seconds = predict_during_evaluation(port, predict_body, args.rows)
+                ratio = summary(during)["p99_ms"] / summary(idle)["p99_ms"]
+                mine = samples[name]
+                mine["idle"] += idle
+                mine["during"] += during
+                mine["ratios"].append(ratio)
+                mine["seconds"].append(seconds)
+                print(
+                    f"[{name}] round {round_ + 1}: idle {summary(idle)}, during {summary(during)}, "
+                    f"p99 ratio {ratio:.2f}, evaluation {seconds:.1f} s",
+                    flush=True,
+                )
+        for name, mine in samples.items():
+            figures = {
+                "idle": summary(mine["idle"]),
+                "during_evaluation": summary(mine["during"]),
+                "p99_ratio_per_round": mine["ratios"],
+                "evaluation_seconds_with_predict_traffic": mine["seconds"],
+            }
+            figures["p99_ratio"] = figures["during_evaluation"]["p99_ms"] / figures["idle"]["p99_ms"]
+            results[name]["predict"] = figures
+            print(f"[{name}] /predict, all rounds: {figures}", flush=True)
 
     if not args.skip_baseline:
         for with_parsing in (True, False):
@@ -363,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             key = "in_process_parse_csv" if with_parsing else "in_process_in_memory"
             results[key] = {k: v for k, v in base.items() if k != "scores"}
             print(f"{key}: {results[key]}", flush=True)
-        results["max_abs_difference_vs_sklearn"] = check_report(report, base["scores"])
+        results["max_abs_difference_vs_sklearn"] = check_report(reports["current"], base["scores"])
         print(f"server vs sklearn: {results['max_abs_difference_vs_sklearn']}", flush=True)
 
     (RESULTS / "evaluate_stream.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -48,9 +48,9 @@ ENDPOINT = "/evaluate"
 STREAM_CHUNK_ROWS = 512
 """Rows parsed per step of a streamed upload while no interactive request is being served."""
 INTERACTIVE_CHUNK_ROWS = 128
-"""Rows per parsing step while interactive requests (`/predict`, V2 infer) are being served: parsing runs
-on the event loop and numpy's CSV parser holds the GIL (a thread would not help), so a step is what an
-arriving request may have to wait for."""
+"""Rows per parsing step while interactive requests (`/predict`, V2 infer) are being served: the numbers of
+a CSV chunk are parsed in a low-priority thread without the GIL, but the per-line work (column counts,
+labels; all of NDJSON) runs on the event loop, so a step is what an arriving request may have to wait for."""
 INTERACTIVE_PIECE_ROWS = 16
 """Evaluation rows per onnxruntime call while interactive requests are being served, one call at a
 time: the batch an interactive request may find in flight is small, and the model is idle between

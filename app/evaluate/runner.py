@@ -122,7 +122,7 @@ class Evaluation:
                 at ``piece_rows``; one leaves the model idle between pieces, for interactive requests.
             progress: called with the number of rows scored after each chunk.
             pause: awaited before each chunk is read: lets the caller hold the evaluation back while
-                interactive requests are served (parsing runs on the event loop).
+                interactive requests are served (part of parsing runs on the event loop).
         """
         self.model = model
         self.schema = Schema.of(model)

@@ -281,3 +281,38 @@ def test_npz_spool_that_does_not_fit_is_413(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr("tempfile.SpooledTemporaryFile", lambda **_: Full())
     with pytest.raises(PayloadTooLarge, match="temporary storage"):
         collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=Y_INDEX)), CLF))
+
+
+@pytest.mark.parametrize("label_first", [False, True])
+def test_csv_numbers_parsed_off_the_loop_equal_loadtxt(label_first: bool) -> None:
+    from app.evaluate.readers import _csv_parse, _csv_parse_off_loop, _CsvLayout
+
+    rng = np.random.default_rng(3)
+    values = (rng.normal(size=(300, 3)) * 10.0 ** rng.integers(-6, 6, size=(300, 3))).tolist()
+    formats = [repr, lambda v: f"{v:.3g}", lambda v: f" {v:.9e} ", lambda v: str(int(v))]
+    lines = []
+    for i, row in enumerate(values):
+        fields = [formats[(i + j) % 4](v) for j, v in enumerate(row)]
+        lines.append(",".join(["dog", *fields] if label_first else [*fields, "dog"]).encode())
+    names = ["label", "a", "b", "c"] if label_first else ["a", "b", "c", "label"]
+    layout = _CsvLayout(names, names.index("label"), [i for i in range(4) if names[i] != "label"])
+    fast, labels = asyncio.run(_csv_parse_off_loop(lines, layout, 1))
+    slow, slow_labels = _csv_parse(lines, layout, 1)
+    assert fast.dtype == np.float32
+    assert fast.tobytes() == slow.tobytes()
+    assert labels == slow_labels == ["dog"] * 300
+
+
+@pytest.mark.parametrize(
+    ("body", "pattern"),
+    [
+        (b"a,b,c,label\n1,2,3,cat\n1,,3,cat\n", "row 2: column 'b': '' is not a number"),
+        (b"a,b,c,label\n1,2,3,cat\n1,2 5,3,cat\n", "row 2: column 'b': '2 5' is not a number"),
+        (b"a,b,c,label\n1,2,3,cat\n1,2,3\n", "row 2: 3 columns, but the header has 4"),
+        (b"a,b,c,label\n1,2,3,cat\n1,1e39,3,cat\n", "row 2: input 'features' has a value that is not finite"),
+        (b"a,b,c,label\n1,2,3,cat\n1,nan,3,cat\n", "row 2: input 'features' has a value that is not finite"),
+    ],
+)
+def test_csv_fast_path_errors_name_the_row(body: bytes, pattern: str) -> None:
+    with pytest.raises(InvalidInput, match=pattern):
+        collect(csv_chunks(_stream(body), CLF))

@@ -310,3 +310,43 @@ def test_stop_answers_waiting_requests_with_not_ready() -> None:
             await batcher.submit(rows(1), 1)
 
     run(body)
+
+
+def test_batches_of_background_rows_only_run_in_the_background_executor() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def body(model: Model) -> None:
+        threads: list[str] = []
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            threads.append(threading.current_thread().name)
+            return model(inputs)
+
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="fg") as fg,
+            ThreadPoolExecutor(1, thread_name_prefix="bg") as bg,
+        ):
+            batcher = Batcher(
+                run,
+                max_batch_rows=4,
+                max_delay_seconds=0.0,
+                max_queue_rows=100,
+                executor=fg,
+                background_executor=bg,
+            )
+            batcher.start()
+            await batcher.submit(rows(1), 1)
+            await batcher.submit(rows(2, 10), 2, background=True)
+            model.hold()
+            first = await submit(batcher, rows(1, 20))
+            await model.wait_started()
+            mixed = [await submit(batcher, rows(1, 30)), await submit(batcher, rows(1, 40), background=True)]
+            await queued(batcher, 2)
+            model.release()
+            await asyncio.wait_for(asyncio.gather(first, *mixed), WAIT)
+            await batcher.stop()
+        # foreground, background alone, foreground, foreground with background rows riding along
+        assert [name.split("_")[0] for name in threads] == ["fg", "bg", "fg", "fg"]
+        assert model.sizes == [1, 2, 1, 2]
+
+    run(body)
