@@ -374,9 +374,7 @@ class ClassificationAccumulator:
             "n": self.n,
             "accuracy": accuracy_from_confusion(self.confusion),
         }
-        for metric in ("precision", "recall", "f1"):
-            report[metric] = {avg: prf.averages[avg][metric] for avg in AVERAGES}
-        report["per_class"] = [
+        per_class = [
             {
                 "label": label,
                 "precision": float(prf.precision[i]),
@@ -386,6 +384,12 @@ class ClassificationAccumulator:
             }
             for i, label in enumerate(labels)
         ]
+        # DESIGN.md: precision/recall/f1 each carry micro, macro, weighted and per_class; the same rows
+        # also stand at the top level, one table for all three scores.
+        for metric in ("precision", "recall", "f1"):
+            report[metric] = {avg: prf.averages[avg][metric] for avg in AVERAGES}
+            report[metric]["per_class"] = per_class
+        report["per_class"] = per_class
         report["confusion_matrix"] = {"labels": list(labels), "matrix": self.confusion.tolist()}
         if self.probability_rows:
             report["top_k_accuracy"] = {"k": self.top_k, "value": self.top_k_hits / self.probability_rows}

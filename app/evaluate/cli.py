@@ -309,7 +309,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     summary.add_column("card (test)", justify="right")
     summary.add_column("difference", justify="right")
     ours = flat_scores(report)
-    aliases = {"log_loss": "loss"} if report.get("task") == "classification" else {"mse": "loss"}
+    aliases = {"log_loss": "loss"} if report.get("task") == "classification" else {}
     for name, value in ours.items():
         card_key = name if name in training else aliases.get(name)
         if card_key not in training:

@@ -27,11 +27,12 @@ InferFn = Callable[[Tensors], Awaitable[Tensors]]
 ProgressFn = Callable[[int], None]
 PauseFn = Callable[[], Awaitable[None]]
 
-# Card metric names → the report's, for the "difference" block (the trainer records a loss: cross-entropy
-# for classifiers, MSE for regressors).
+# Card metric names → the report's, for the "difference" block. A classifier's recorded loss is the test
+# cross-entropy, i.e. log loss; a regressor's is MSE on the standardized target, which has no counterpart in
+# raw units, so it is shown but not compared.
 _CARD_ALIASES = {
     "classification": {"loss": "log_loss", "cross_entropy": "log_loss", "top_k_accuracy": "top_k_accuracy"},
-    "regression": {"loss": "mse"},
+    "regression": {},
 }
 
 
@@ -63,7 +64,7 @@ def flat_scores(report: dict[str, Any]) -> dict[str, float]:
             flat[key] = float(report[key])
     for metric in ("precision", "recall", "f1"):
         for average, value in (report.get(metric) or {}).items():
-            if value is not None:
+            if isinstance(value, int | float):  # skips None (NaN) and the per_class rows
                 flat[f"{metric}_{average}"] = float(value)
     for key in ("top_k_accuracy", "roc_auc"):
         block = report.get(key)

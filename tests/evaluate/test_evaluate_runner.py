@@ -12,7 +12,7 @@ import pytest
 
 from app.errors import InvalidInput
 from app.evaluate.readers import Chunk, EvaluationOptions
-from app.evaluate.runner import Tensors, evaluate
+from app.evaluate.runner import Tensors, compare_with_training, evaluate
 from app.model_card import Metrics, TensorSpec
 
 RNG = np.random.default_rng(3)
@@ -84,3 +84,10 @@ def test_inference_errors_name_the_rows() -> None:
 
     with pytest.raises(InvalidInput, match=r"rows 1-10: inputs: NaN"):
         asyncio.run(evaluate(MODEL, chunks_of(10), infer, EvaluationOptions(), piece_rows=4))
+
+
+def test_a_regressors_standardized_loss_is_shown_but_not_compared() -> None:
+    report: dict[str, Any] = {"mse": 3775.0, "r2": 0.2}
+    compare_with_training(report, {"mse": 3700.0, "r2": 0.25, "loss": 0.6}, "regression")
+    assert report["training"] == {"mse": 3700.0, "r2": 0.25, "loss": 0.6}
+    assert report["difference"] == pytest.approx({"mse": 75.0, "r2": -0.05})

@@ -113,8 +113,10 @@ def test_classification_properties(case: dict[str, Any]) -> None:
     # micro-F1 equals accuracy when every label and prediction is in the label list
     assert_close(report["f1"]["micro"], report["accuracy"])
     for metric in ("precision", "recall", "f1"):
-        for value in [*report[metric].values(), *(row[metric] for row in report["per_class"])]:
+        averages = [report[metric][average] for average in ("micro", "macro", "weighted")]
+        for value in [*averages, *(row[metric] for row in report[metric]["per_class"])]:
             assert value is None or 0.0 <= value <= 1.0
+        assert report[metric]["per_class"] == report["per_class"]
     # order invariance
     perm = np.random.default_rng(0).permutation(len(case["y_true"]))
     shuffled = _report({**case, "y_true": case["y_true"][perm], "y_pred": case["y_pred"][perm]})
