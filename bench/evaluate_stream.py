@@ -17,23 +17,10 @@ What it measures (`python -m bench.evaluate_stream --help`):
 
 Results are printed and written to `bench/results/evaluate_stream.json`.
 
-Two runs on the dev machine (2 shared cores, load average ~2 from other work; 1,000,000 rows, 147 MB):
-
-| | run 1 | run 2 |
-|---|---|---|
-| streamed `/evaluate`, alone | 40.0k rows/s (25.0 s) | 36.1k rows/s (27.7 s) |
-| in-process: CSV parse + onnxruntime + sklearn | 62.7k rows/s | 38.2k rows/s |
-| in-process: data in memory, onnxruntime + sklearn | 164k rows/s | 160k rows/s |
-| server RSS idle → peak (growth) | 108.4 → 112.9 MB (+4.5) | 108.4 → 113.1 MB (+4.7) |
-| `/predict` p50 / p99 idle | 0.90 / 1.72 ms | 0.83 / 1.78 ms |
-| `/predict` p50 / p99 during an evaluation | 1.79 / 7.68 ms (4.5x) | 1.59 / 8.30 ms (4.7x) |
-| the evaluation while `/predict` runs | 59.9 s | 58.1 s |
-| server vs sklearn | counts identical, max diff 0 | same |
-
-Log loss differs from sklearn's by 1.9e-9 because sklearn computes it in float32 for float32 probabilities;
-it equals the same formula in float64 exactly. The p99 target (2x idle) is not met on this machine: an
-NPZ upload (no text parsing at all) shows the same tail, and the server's own histogram puts ~1.5 % of
-`/predict` calls during an evaluation above 5 ms, so the tail is two saturated cores, not the event loop.
+Side by side (`--compare-with DIR`): a second server runs from another source tree, e.g. the commit before
+a change (`git archive <commit> app models | tar -x -C DIR`); both are measured in the same run, and with
+`--rounds N` the idle and during-evaluation `/predict` phases are repeated N times in alternating order,
+so that the other load on a shared machine hits both alike. Figures: `bench/README.md`.
 """
 
 from __future__ import annotations
