@@ -139,3 +139,35 @@ def test_big_streamed_upload_with_early_error_gets_the_answer(
     path.write_text(buffer.getvalue())
     assert main(["evaluate", str(path), "--model", "clf", "--url", live_server]) == 1
     assert "row 2: label 'rose'" in capsys.readouterr().err
+
+
+def test_sequence_model_local_and_remote_from_npz_and_ndjson(
+    live_server: str, model_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lengths = RNG.integers(1, 7, 50)
+    padded = np.zeros((50, 6, 2), dtype=np.float32)
+    for i, n in enumerate(lengths):
+        padded[i, :n] = RNG.normal(size=(n, 2))
+    labels = RNG.integers(0, 2, 50)
+    npz = tmp_path / "seq.npz"
+    np.savez(npz, inputs=padded, lengths=lengths, labels=labels)
+    ndjson = tmp_path / "seq.ndjson"
+    ndjson.write_text(
+        "\n".join(
+            json.dumps({"input": padded[i, :n].tolist(), "label": int(y)})
+            for i, (n, y) in enumerate(zip(lengths, labels, strict=True))
+        )
+    )
+    pred = [
+        int(
+            reference_outputs(
+                model_repository, "seq", 1, {"sequence": padded[i : i + 1, :n], "mask": np.ones((1, n), bool)}
+            )["label_index"][0]
+        )
+        for i, n in enumerate(lengths)
+    ]
+    expected = skm.confusion_matrix(labels, pred, labels=[0, 1]).tolist()
+    for path in (npz, ndjson):
+        for where in (["--url", live_server], ["--model-repository", str(model_repository)]):
+            report = run_json(capsys, str(path), "--model", "seq", *where)
+            assert report["confusion_matrix"]["matrix"] == expected
