@@ -81,6 +81,10 @@ def test_concurrent_requests_each_get_their_own_rows(batching_server: str, model
     async def run_all() -> tuple[list[httpx.Response], str, str]:
         limits = httpx.Limits(max_connections=N_REQUESTS, max_keepalive_connections=N_REQUESTS)
         async with httpx.AsyncClient(base_url=batching_server, limits=limits, timeout=60) as client:
+            # Open every connection first, so the requests below reach the server as one burst instead of
+            # trickling in behind 300 TCP handshakes (which on a loaded machine can space them out enough
+            # that each finds its model idle and, rightly, runs alone).
+            await asyncio.gather(*(client.get("/v2/health/live") for _ in range(N_REQUESTS)))
             before = (await client.get("/metrics")).text
             responses = await asyncio.gather(*(client.post("/predict", json=body) for _, body, _ in requests))
             after = (await client.get("/metrics")).text
