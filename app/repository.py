@@ -293,9 +293,10 @@ class LoadedModel:
             hint = "; one example still needs the batch axis: wrap it in a list"
         elif len(expected) == 2 and len(got) == 2:
             hint = f" (rows of {got[1]} values where the model takes {expected[1]})"
-        raise InvalidInput(
-            f"{self.where(spec.name)}: expected shape {_shape_text(expected)}, got {got}{hint}"
-        )
+        wanted = _shape_text(expected)
+        if len(expected) >= 3 and -1 not in fixed:
+            wanted += f" (or [N, {math.prod(fixed)}] flattened)"
+        raise InvalidInput(f"{self.where(spec.name)}: expected shape {wanted}, got {got}{hint}")
 
     @property
     def sequence_channels(self) -> int:
