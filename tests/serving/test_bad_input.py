@@ -40,6 +40,13 @@ CASES: list[tuple[str, Any, str, int, str]] = [
         "expected shape [N, 4], got [1, 3]",
     ),
     ("one row without batch axis", body(inputs=[1, 2, 3, 4]), "application/json", 400, "wrap it in a list"),
+    (
+        "image of the wrong size",
+        {"model": "img", "inputs": [[0.0] * 15]},
+        "application/json",
+        400,
+        "expected shape [N, 1, 4, 4] (or [N, 16] flattened), got [1, 15]",
+    ),
     ("ragged rows", body(inputs=[[1, 2, 3, 4], [1, 2]]), "application/json", 400, "not a rectangular array"),
     ("text value", body(inputs=[[1, "a", 3, 4]]), "application/json", 400, "inputs[0][1] is 'a'"),
     ("null value", body(inputs=[[1, None, 3, 4]]), "application/json", 400, "inputs[0][1] is None"),
