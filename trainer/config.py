@@ -272,12 +272,17 @@ class OptimConfig(_Strict):
 
 
 class FloatParam(_Strict):
-    """A real number in [low, high], optionally sampled on a log scale."""
+    """A real number in [low, high], optionally sampled on a log scale.
+
+    Random and Bayesian search sample the whole range; a grid search tries `grid_points` values spread
+    evenly from low to high (geometrically when `log`).
+    """
 
     type: Literal["float"]
     low: float
     high: float
     log: bool = False
+    grid_points: int = Field(3, ge=2, le=50)
 
     @model_validator(mode="after")
     def _range(self) -> FloatParam:

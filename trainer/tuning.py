@@ -90,11 +90,20 @@ def resolve_search(config: TrainConfig) -> ResolvedSearch:
     return ResolvedSearch(space=dict(search.space), metric=metric, direction=direction)
 
 
+def float_grid(spec: FloatParam) -> list[float]:
+    """`grid_points` values from low to high inclusive: evenly spaced, or evenly in log space when `log`."""
+    steps = spec.grid_points - 1
+    if spec.log:
+        ratio = math.log(spec.high / spec.low)
+        return [spec.low * math.exp(ratio * i / steps) for i in range(steps)] + [spec.high]
+    return [spec.low + (spec.high - spec.low) * i / steps for i in range(steps)] + [spec.high]
+
+
 def grid_values(space: dict[str, Param]) -> dict[str, list[Any]]:
     """Every value each parameter takes in a grid search (categorical choices encoded for optuna).
 
     Raises:
-        ConfigError: a parameter is a continuous float range (no finite grid), or the grid is too large.
+        ConfigError: the grid is too large.
     """
     grid: dict[str, Sequence[Any]] = {}
     for path, spec in space.items():
@@ -103,11 +112,7 @@ def grid_values(space: dict[str, Param]) -> dict[str, list[Any]]:
         elif isinstance(spec, IntParam):
             grid[path] = range(spec.low, spec.high + 1, spec.step)  # sized before it is listed
         else:
-            raise ConfigError(
-                f"search.space '{path}' is a continuous float range [{spec.low:g}, {spec.high:g}], which a "
-                "grid search cannot enumerate; list its grid values as `type: categorical` with `choices`, "
-                "or use --strategy random or bayes"
-            )
+            grid[path] = float_grid(spec)
     size = math.prod(len(values) for values in grid.values())
     if size > MAX_GRID_POINTS:
         raise ConfigError(
@@ -128,7 +133,7 @@ def make_sampler(
         n_trials: trial budget; TPE's random start-up phase is sized from it.
 
     Raises:
-        ConfigError: unknown strategy, or a grid over a space that has no finite grid.
+        ConfigError: unknown strategy, or a grid too large to enumerate.
     """
     if strategy == "grid":
         return optuna.samplers.GridSampler(grid_values(space), seed=seed)

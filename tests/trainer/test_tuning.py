@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,12 @@ from optuna.trial import TrialState
 
 from app.model_card import CARD_FILENAME, ONNX_FILENAME, ModelCard
 from trainer.cli import main
-from trainer.config import TrainConfig
+from trainer.config import FloatParam, TrainConfig
 from trainer.errors import ConfigError
 from trainer.tuning import (
     TRIALS_FILENAME,
     check_trials,
+    float_grid,
     grid_values,
     make_objective,
     make_sampler,
@@ -105,11 +107,16 @@ def test_grid_values_enumerate_ints_and_choices() -> None:
     assert isinstance(make_sampler("grid", resolve_search(config).space, 0, 4), optuna.samplers.GridSampler)
 
 
-def test_grid_refuses_a_continuous_float() -> None:
+def test_grid_spreads_a_float_range_over_its_grid_points() -> None:
     space = resolve_search(TrainConfig.model_validate(make_config(CONTINUOUS_SPACE))).space
-    with pytest.raises(ConfigError, match=r"'optim\.lr' is a continuous float range"):
-        make_sampler("grid", space, 0, 4)
-    # The same space is fine for the strategies that sample.
+    grid = grid_values(space)
+    # log scale, 3 points by default: low, the geometric mean, high
+    assert grid["optim.lr"] == pytest.approx([1e-4, math.sqrt(1e-4 * 0.1), 0.1])
+    assert grid["optim.batch_size"] == [8, 16, 24, 32]
+    linear = FloatParam(type="float", low=0.0, high=0.4, grid_points=5)
+    assert float_grid(linear) == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert isinstance(make_sampler("grid", space, 0, 4), optuna.samplers.GridSampler)
+    # The same space is sampled whole by the other strategies.
     assert isinstance(make_sampler("random", space, 0, 4), optuna.samplers.RandomSampler)
     assert isinstance(make_sampler("bayes", space, 0, 4), optuna.samplers.TPESampler)
 
@@ -335,8 +342,8 @@ def _drop_search(config: dict[str, Any]) -> None:
     config.pop("search")
 
 
-def _continuous_grid(config: dict[str, Any]) -> None:
-    config["search"]["space"] = CONTINUOUS_SPACE
+def _one_grid_point(config: dict[str, Any]) -> None:
+    config["search"]["space"]["optim.lr"] = {"type": "float", "low": 0.001, "high": 0.1, "grid_points": 1}
 
 
 def _low_above_high(config: dict[str, Any]) -> None:
@@ -359,7 +366,7 @@ def _no_trials(config: dict[str, Any]) -> list[str]:
     ("break_config", "message"),
     [
         (_drop_search, "no 'search:' section"),
-        (_continuous_grid, "continuous float range"),
+        (_one_grid_point, "grid_points"),
         (_low_above_high, "low (64) must not exceed high (8)"),
         (_empty_choices, "choices"),
         (_unknown_path, "optim.learning_rate"),
