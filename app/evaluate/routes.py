@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 from urllib.parse import parse_qs
@@ -103,6 +104,13 @@ class _Body:
                 return
 
 
+def duty_cycle_sleep_seconds(worked_seconds: float, busy_fraction: float) -> float:
+    """How long to sleep after ``worked_seconds`` of work so that work is ``busy_fraction`` of wall time."""
+    if busy_fraction >= 1.0 or worked_seconds <= 0.0:
+        return 0.0
+    return worked_seconds * (1.0 - busy_fraction) / busy_fraction
+
+
 def _query(scope: Scope) -> dict[str, str]:
     raw = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
     unknown = sorted(set(raw) - QUERY_KEYS)
@@ -159,6 +167,29 @@ class EvaluateEndpoint:
         interactive requests come in (the model is free between evaluation calls)."""
         return 1 if self._interactive_lately() else 2
 
+    def _duty_cycle(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> Callable[[], Awaitable[None]]:
+        """One evaluation's pause before each chunk: while interactive requests are seen, sleep in
+        proportion to the time since the last pause (reading, parsing, waiting for the model: an upper
+        bound of its work), so that the evaluation, whose event-loop share cannot be niced, works at most
+        `evaluation_busy_fraction_under_load` of the wall time; then `_yield_to_interactive`."""
+        resumed_at: float | None = None
+
+        async def pause() -> None:
+            nonlocal resumed_at
+            if resumed_at is not None and (self._interactive_in_flight() or self._interactive_lately()):
+                worked = clock() - resumed_at
+                await sleep(
+                    duty_cycle_sleep_seconds(worked, self.settings.evaluation_busy_fraction_under_load)
+                )
+            await self._yield_to_interactive()
+            resumed_at = clock()
+
+        return pause
+
     async def _yield_to_interactive(self) -> None:
         """Hold the evaluation back (bounded) while interactive requests are in flight: parsing a chunk
         runs on the event loop, and the batcher already lets their rows overtake queued evaluation rows."""
@@ -184,7 +215,7 @@ class EvaluateEndpoint:
                     options,
                     piece_rows=self.piece_rows,
                     max_inflight_pieces=self.pieces_in_flight,
-                    pause=self._yield_to_interactive,
+                    pause=self._duty_cycle(),
                 )
             self._publish(model.name, report)
             status, payload, headers = 200, orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY), None

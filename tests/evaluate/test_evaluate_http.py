@@ -393,3 +393,47 @@ def test_evaluation_yields_to_interactive_requests_but_not_forever(client: TestC
     # interactive traffic seen lately: small steps, one evaluation call at a time
     shared = (endpoint.chunk_rows(), endpoint.piece_rows(), endpoint.pieces_in_flight())
     assert shared == (INTERACTIVE_CHUNK_ROWS, min(16, INTERACTIVE_PIECE_ROWS), 1)
+
+
+def test_duty_cycle_sleep_keeps_work_to_the_busy_fraction() -> None:
+    from app.evaluate.routes import duty_cycle_sleep_seconds
+
+    for worked in (0.001, 0.004, 0.25):
+        for fraction in (0.3, 0.5, 0.8):
+            slept = duty_cycle_sleep_seconds(worked, fraction)
+            assert worked / (worked + slept) == pytest.approx(fraction)
+    assert duty_cycle_sleep_seconds(0.01, 0.5) == pytest.approx(0.01)
+    assert duty_cycle_sleep_seconds(0.01, 1.0) == 0.0  # no cap
+    assert duty_cycle_sleep_seconds(0.0, 0.5) == 0.0
+
+
+def test_duty_cycle_sleeps_only_while_interactive_traffic_is_seen(client: TestClient) -> None:
+    import asyncio
+    import time
+
+    from app.evaluate.routes import EvaluateEndpoint
+
+    app = client.app
+    settings = app.state.settings.model_copy(update={"evaluation_busy_fraction_under_load": 0.25})  # type: ignore[attr-defined]
+    endpoint = EvaluateEndpoint(app.state.dataplane, app.state.metrics, settings)  # type: ignore[attr-defined]
+    now = [100.0]
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    async def run() -> None:
+        pause = endpoint._duty_cycle(clock=lambda: now[0], sleep=sleep)
+        await pause()  # before the first chunk: nothing worked yet
+        now[0] += 0.004
+        await pause()  # no interactive traffic: full speed
+        assert slept == []
+        endpoint._interactive_seen_at = time.monotonic()  # /predict seen just now
+        now[0] += 0.003
+        await pause()  # 3 ms of work at 25 %: 9 ms asleep
+        now[0] += 0.001
+        await pause()  # the sleep itself is not counted as work
+        assert slept == pytest.approx([0.009, 0.003])
+
+    asyncio.run(run())
