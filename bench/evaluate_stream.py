@@ -29,7 +29,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
+
+from bench.server import serve_subprocess
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = Path(__file__).parent.parent / "models"
@@ -64,12 +65,6 @@ def make_csv(path: Path, rows: int, seed: int = 0) -> None:
             block = np.column_stack([pixels[pick], digits.target[pick]])
             np.savetxt(handle, block, fmt="%d", delimiter=",")
     tmp.rename(path)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_bytes(pid: int) -> int:
@@ -108,40 +103,8 @@ class RssSampler:
 def server(repository: Path, source: Path | None = None) -> Iterator[tuple[int, int]]:
     """`modelserve serve` in a subprocess (from another source tree when `source` is given); yields
     (port, pid) once ready."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODELSERVE_MODEL_REPOSITORY": str(repository),
-        "MODELSERVE_PORT": str(port),
-        "MODELSERVE_LOG_LEVEL": "warning",
-        "MODELSERVE_ACCESS_LOG": "false",
-    }
-    if source is not None:
-        env["PYTHONPATH"] = str(source)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"],
-        cwd=source,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                connection.request("GET", "/v2/health/ready")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.1)
-        yield port, process.pid
-    finally:
-        process.terminate()
-        process.wait(10)
+    with serve_subprocess(repository, {"MODELSERVE_ACCESS_LOG": "false"}, source=source) as running:
+        yield running
 
 
 def predict_loop(

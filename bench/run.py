@@ -24,10 +24,7 @@ import http.client
 import json
 import os
 import re
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -38,6 +35,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from bench.server import serve_subprocess
 from tests.factories import build_repository
 
 TARGET_ADDED_MEDIAN_MS = 0.2
@@ -59,46 +57,12 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def server(repository: Path, *, batching: bool) -> Iterator[int]:
     """`modelserve serve` in a subprocess; yields its port once ready."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODELSERVE_MODEL_REPOSITORY": str(repository),
-        "MODELSERVE_PORT": str(port),
-        "MODELSERVE_BATCHING": str(batching).lower(),
-        "MODELSERVE_LOG_LEVEL": "warning",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                connection.request("GET", "/v2/health/ready")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.1)
+    settings = {"MODELSERVE_BATCHING": str(batching).lower()}
+    with serve_subprocess(repository, settings, ready_timeout_seconds=60) as (port, _):
         yield port
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def http_latency(ports: dict[str, int], body: bytes, requests: int, warmup: int) -> dict[str, list[float]]:
