@@ -325,10 +325,8 @@ class TargetEncoder:
         if not self.classification:
             return self._numbers(values, first_row)
         if values.dtype.kind == "f":
-            integral = np.isfinite(values) & (values == np.round(values))
-            bad = np.flatnonzero(~integral)
-            if bad.size:
-                i = int(bad[0])
+            i = _first_non_integral(values)
+            if i is not None:
                 raise InvalidInput(
                     f"row {first_row + i}: label {values[i].item()!r} is not a class index (an integer)"
                 )
@@ -1092,13 +1090,17 @@ def _npz_sequences(
                 reader.close()
 
 
+def _first_non_integral(values: npt.NDArray[np.floating[Any]]) -> int | None:
+    """Index of the first value that is not a finite whole number, or None."""
+    bad = np.flatnonzero(~(np.isfinite(values) & (values == np.round(values))))
+    return int(bad[0]) if bad.size else None
+
+
 def _mask_from_lengths(lengths: npt.NDArray[Any], steps: int, first_row: int) -> npt.NDArray[np.bool_]:
     """Real steps per row → the mask (true on the first ``length`` steps)."""
     if lengths.dtype.kind == "f":
-        integral = np.isfinite(lengths) & (lengths == np.round(lengths))
-        bad = np.flatnonzero(~integral)
-        if bad.size:
-            i = int(bad[0])
+        i = _first_non_integral(lengths)
+        if i is not None:
             raise InvalidInput(
                 f"row {first_row + i}: length {float(lengths[i])!r} is not a whole number of steps"
             )
