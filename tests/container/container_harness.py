@@ -1,11 +1,11 @@
 """Podman plumbing for the container tests (`make container-test`): helpers and session fixtures.
 
-What works on these machines is written down in `../shared/notes/CONTAINERS.md`; this file does exactly
-that, so that CI (root, fresh machine) needs nothing installed beforehand:
+`docs/CONTAINERS.md` explains each step (podman without a Docker engine or a registry); this file does
+exactly that, so that CI (root, fresh machine) needs nothing installed beforehand:
 
 1. install podman, runc and debootstrap with apt-get when podman is missing;
 2. use runc with cgroupfs and no default ulimits (a private `containers.conf`);
-3. build a local Debian base image once with debootstrap (no public registry is reachable here) and keep
+3. build a local Debian base image once with debootstrap (CI reaches no public registry) and keep
    it between runs; `MODELSERVE_TEST_BASE_IMAGE=python:3.12-slim` uses a pullable base instead;
 4. build the serving image with `--format docker` (keeps `HEALTHCHECK`) and the host CA bundle mounted so
    that `pip install` inside the build reaches the package index;
@@ -117,7 +117,7 @@ def _ensure_podman_installed() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (
         ["apt-get", "update", "-q"],
-        # With recommends, as in CONTAINERS.md (what was seen to work); iptables for published ports.
+        # With recommends, as in docs/CONTAINERS.md; iptables for published ports.
         ["apt-get", "install", "-y", "-q", "podman", "runc", "debootstrap", "iptables"],
     ):
         proc = subprocess.run(
@@ -129,7 +129,7 @@ def _ensure_podman_installed() -> None:
 
 @pytest.fixture(scope="session")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
-    """A podman that works here (installed on first use)."""
+    """podman set up as docs/CONTAINERS.md describes (installed on first use)."""
     _ensure_podman_installed()
     conf = tmp_path_factory.mktemp("podman") / "containers.conf"
     conf.write_text(CONTAINERS_CONF)
