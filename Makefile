@@ -18,7 +18,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	@touch $@
 
-# Tests train small models, so they need the training stack too (torch==2.13.0, a local CPU wheel here).
+# Tests train small models, so they need the training stack too (the `train` extra: torch, onnx, optuna, ...).
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	$(PIP) install -e '.[train,dev]'
 	@touch $@ $(VENV)/.serve-installed
