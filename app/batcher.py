@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.errors import DeadlineExceeded, InferenceFailed, ModelServeError, NotReady, Overloaded
-from app.observability import ModelMetrics
+from app.observability import ModelPrometheusMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Batcher:
         signature: Signature = shapes_without_batch,
         executor: Executor | None = None,
         background_executor: Executor | None = None,
-        metrics: ModelMetrics | None = None,
+        metrics: ModelPrometheusMetrics | None = None,
         name: str = "model",
     ) -> None:
         """Configure a batcher.

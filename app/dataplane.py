@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from app.batcher import Batcher, Tensors, split_rows
 from app.errors import ModelNotFound, NotReady
 from app.model_card import TensorSpec
-from app.observability import Metrics
+from app.observability import PrometheusMetrics
 from app.repository import LoadedModel, ModelLoadError, ModelSource, load_model, scan_repository
 from app.session import resolve_providers
 from app.settings import Settings
@@ -56,7 +56,7 @@ class _Entry:
 class DataPlane:
     """Every model version of the repository, its state, and the way to run it."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: PrometheusMetrics) -> None:
         """Nothing loads here: `await start()` (the app's lifespan) scans and loads the repository."""
         self.settings = settings
         self.metrics = metrics
@@ -199,10 +199,6 @@ class DataPlane:
             entry.state != "loading" for versions in self._entries.values() for entry in versions.values()
         )
 
-    def model_names(self) -> list[str]:
-        """Names of every model in the repository (any state)."""
-        return sorted(self._entries)
-
     def get_model(self, name: str, version: int | None = None) -> LoadedModel:
         """The version a request asks for: the named one, or the highest ready one.
 
@@ -232,14 +228,6 @@ class DataPlane:
             f"model {name!r} version {entry.source.version} is {entry.state}{detail}",
             self.settings.retry_after_seconds,
         )
-
-    def model_ready(self, name: str, version: int | None = None) -> bool:
-        """Whether `get_model(name, version)` would succeed."""
-        try:
-            self.get_model(name, version)
-        except (ModelNotFound, NotReady):
-            return False
-        return True
 
     def models(self) -> list[ModelStatus]:
         """Every version of every model, sorted by name then version."""

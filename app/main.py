@@ -12,14 +12,13 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api import routes
-from app.api.openapi import add_raw_route, install_openapi
-from app.api.predict import PredictEndpoint
-from app.api.schemas import PREDICT_OPERATION, PREDICT_SCHEMAS
+from app.api.predict import PREDICT_OPERATION, PredictEndpoint
 from app.dataplane import DataPlane
 from app.evaluate import routes as evaluate_routes
-from app.http_errors import install_exception_handlers
-from app.middleware import RequestContextMiddleware
-from app.observability import Metrics
+from app.http.errors import install_exception_handlers
+from app.http.middleware import RequestContextMiddleware
+from app.http.openapi import add_raw_route, install_openapi
+from app.observability import PrometheusMetrics
 from app.settings import Settings
 from app.v2 import routes as v2_routes
 
@@ -45,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         `dataplane` (the core every route calls); the lifespan loads and warms up the models.
     """
     settings = settings or Settings()
-    metrics = Metrics(settings.prometheus_multiproc_dir)
+    metrics = PrometheusMetrics(settings.prometheus_multiproc_dir)
     dataplane = DataPlane(settings, metrics)
 
     @asynccontextmanager
@@ -63,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         # FastAPI's built-in OpenTelemetry costs a provider check per request; the service exports
-        # Prometheus metrics (DESIGN.md) instead.
+        # Prometheus metrics instead.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
@@ -77,9 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app,
         "/predict",
         PredictEndpoint(dataplane, metrics, settings.max_body_bytes),
-        methods=["POST"],
+        method="POST",
         operation=PREDICT_OPERATION,
-        schemas=PREDICT_SCHEMAS,
     )
     app.include_router(routes.router)
     # Routers of the other parts, one line each:

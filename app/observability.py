@@ -1,4 +1,5 @@
-"""Prometheus metrics (the names in DESIGN.md are a contract), JSON logging and the request id.
+"""Prometheus metrics (their names and labels are part of the public contract), JSON logging and the
+request id.
 
 Each app owns a `CollectorRegistry`, so several apps (tests) never share counters. When
 `PROMETHEUS_MULTIPROC_DIR` is set (`modelserve serve --workers N` sets it), prometheus_client keeps every
@@ -31,8 +32,8 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 
 
 @dataclass(frozen=True)
-class ModelMetrics:
-    """The per-model children, bound once so the hot path skips the label lookup."""
+class ModelPrometheusMetrics:
+    """The per-model children of `PrometheusMetrics`, bound once so the hot path skips the label lookup."""
 
     queue_duration: Any
     inference_duration: Any
@@ -40,8 +41,8 @@ class ModelMetrics:
     queue_rows: Any
 
 
-class Metrics:
-    """Every metric of DESIGN.md's table, registered in a registry of this app's own.
+class PrometheusMetrics:
+    """Every metric of the public contract, registered in a registry of this app's own.
 
     Attributes are the prometheus_client metric objects: `request_duration`, `queue_duration`,
     `inference_duration`, `batch_rows`, `queue_rows`, `inflight_requests`, `request_failures`,
@@ -119,13 +120,13 @@ class Metrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
-        self._per_model: dict[str, ModelMetrics] = {}
+        self._per_model: dict[str, ModelPrometheusMetrics] = {}
 
-    def for_model(self, model: str) -> ModelMetrics:
+    def for_model(self, model: str) -> ModelPrometheusMetrics:
         """Children of the per-model metrics for a loaded model's name (cached)."""
         bound = self._per_model.get(model)
         if bound is None:
-            bound = ModelMetrics(
+            bound = ModelPrometheusMetrics(
                 queue_duration=self.queue_duration.labels(model=model),
                 inference_duration=self.inference_duration.labels(model=model),
                 batch_rows=self.batch_rows.labels(model=model),

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
+from app.dtypes import NUMPY_BY_ONNXRUNTIME
 from app.errors import InvalidInput
 from app.model_card import (
     CARD_FILENAME,
@@ -34,21 +35,6 @@ from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# onnxruntime's type strings → numpy dtype names (the card's spelling).
-ORT_DTYPES = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(int16)": "int16",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(uint16)": "uint16",
-    "tensor(uint32)": "uint32",
-    "tensor(uint64)": "uint64",
-    "tensor(bool)": "bool",
-}
 # Inputs of the sequence convention (right padded, `mask` true on real steps): requests of different
 # lengths are padded to the longest one in a batch, which leaves every row's output unchanged.
 SEQUENCE_INPUT, MASK_INPUT = "sequence", "mask"
@@ -99,7 +85,7 @@ def scan_repository(root: Path) -> list[ModelSource]:
 
 def _ort_spec(node: Any) -> TensorSpec:
     shape = [dim if isinstance(dim, int) and dim >= 0 else -1 for dim in node.shape]
-    return TensorSpec(name=node.name, dtype=ORT_DTYPES.get(node.type, node.type), shape=shape)
+    return TensorSpec(name=node.name, dtype=NUMPY_BY_ONNXRUNTIME.get(node.type, node.type), shape=shape)
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -164,7 +150,7 @@ class LoadedModel:
                 f"the card lists inputs {card_inputs} but the graph has {sorted(self.input_names)}"
             )
         for spec in self.inputs:
-            if spec.dtype not in ORT_DTYPES.values():
+            if spec.dtype not in NUMPY_BY_ONNXRUNTIME.values():
                 raise ModelLoadError(f"input {spec.name!r} has unsupported type {spec.dtype}")
         outputs = {spec.name: spec for spec in self.outputs}
         if self.task == "classification":

@@ -1,7 +1,7 @@
 """`POST /predict`: JSON in, predictions out, as a raw ASGI endpoint.
 
 The body is parsed with orjson straight into numpy (no per-number pydantic validation) and the route skips
-FastAPI's request machinery; the OpenAPI schema still documents it (see `app/api/openapi.py`).
+FastAPI's request machinery; `PREDICT_OPERATION` documents it in OpenAPI.
 """
 
 from __future__ import annotations
@@ -12,16 +12,39 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app.api.asgi import ClientDisconnected, Receive, Scope, Send, read_body, require_json, send_json
+from app.api.schemas import PredictRequest, PredictResponse
 from app.dataplane import DataPlane
 from app.errors import InvalidInput
-from app.http_errors import error_parts, reason_for
+from app.http.asgi import ClientDisconnected, Receive, Scope, Send, read_body, require_json, send_json
+from app.http.errors import error_parts, reason_for
+from app.http.openapi import JSON_TYPE, Operation
+from app.http.params import parse_version
 from app.model_card import LABEL_INDEX_OUTPUT, PROBABILITIES_OUTPUT, REGRESSION_OUTPUT
-from app.observability import UNKNOWN_MODEL, Metrics
+from app.observability import UNKNOWN_MODEL, PrometheusMetrics
 from app.repository import MASK_INPUT, SEQUENCE_INPUT, LoadedModel
 
 ENDPOINT = "/predict"
 _FIELDS = frozenset({"model", "version", "inputs", "top_k"})
+_INVALID_VERSION = "version: expected a positive integer, got {value!r}"
+
+PREDICT_OPERATION = Operation(
+    operation_id="predict",
+    summary="Predict",
+    description="Run a model on rows of input. Concurrent requests are batched together transparently.",
+    tags=("inference",),
+    ok="One prediction per row",
+    answer=PredictResponse,
+    errors={
+        400: "Malformed JSON or invalid input (shape, dtype, NaN/Inf, unknown input name)",
+        401: "Missing or wrong API key",
+        404: "Unknown model or version",
+        413: "Body too large",
+        415: "Content type is not application/json",
+        503: "Model not ready or queue full (see Retry-After)",
+        504: "Waited too long in the queue",
+    },
+    body={JSON_TYPE: PredictRequest},
+)
 
 
 # -------------------------------------------------------------------------------------------- decoding
@@ -43,17 +66,8 @@ def parse_request(body: bytes) -> tuple[str, int | None, Any, int | None]:
         raise InvalidInput("model: required, the name of a served model (see GET /models)")
     if "inputs" not in document:
         raise InvalidInput("inputs: required, one item per example")
-    return model, _version(document.get("version")), document["inputs"], _top_k(document.get("top_k"))
-
-
-def _version(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInput(f"version: expected a positive integer, got {value!r}")
-    return value
+    version = parse_version(document.get("version"), strict=True, invalid=_INVALID_VERSION)
+    return model, version, document["inputs"], _top_k(document.get("top_k"))
 
 
 def _top_k(value: Any) -> int | None:
@@ -119,7 +133,7 @@ def encode_predictions(model: LoadedModel, outputs: dict[str, np.ndarray], top_k
 class PredictEndpoint:
     """The raw ASGI app behind `POST /predict`."""
 
-    def __init__(self, dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, metrics: PrometheusMetrics, max_body_bytes: int) -> None:
         """Bind the core, the metrics and the body limit."""
         self.dataplane = dataplane
         self.metrics = metrics

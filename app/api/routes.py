@@ -6,9 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.schemas import ErrorResponse, LiveResponse, ModelsResponse, ReadyResponse
+from app.api.schemas import LiveResponse, ModelsResponse, ReadyResponse
 from app.dataplane import DataPlane
-from app.observability import Metrics
+from app.http.errors import ErrorResponse
+from app.observability import PrometheusMetrics
 
 router = APIRouter()
 
@@ -59,5 +60,5 @@ async def ready(request: Request) -> ReadyResponse | JSONResponse:
 )
 async def metrics(request: Request) -> Response:
     """Prometheus text format (merged across worker processes)."""
-    registry: Metrics = request.app.state.metrics
+    registry: PrometheusMetrics = request.app.state.metrics
     return Response(registry.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -13,14 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.dataplane import ModelStatus
 
 
-class ErrorResponse(BaseModel):
-    """Every error answer."""
-
-    error: str = Field(
-        description="what was wrong and where", examples=["inputs: expected shape [N, 4], got [2, 3]"]
-    )
-
-
 class PredictRequest(BaseModel):
     """Rows to predict, shaped as the model's input without its batch axis."""
 
@@ -110,36 +102,3 @@ class ReadyResponse(BaseModel):
 
     ready: bool
     error: str | None = None
-
-
-def _json_error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
-    }
-
-
-PREDICT_OPERATION: dict[str, Any] = {
-    "summary": "Predict",
-    "description": "Run a model on rows of input. Concurrent requests are batched together transparently.",
-    "operationId": "predict",
-    "tags": ["inference"],
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
-    },
-    "responses": {
-        "200": {
-            "description": "One prediction per row",
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictResponse"}}},
-        },
-        "400": _json_error("Malformed JSON or invalid input (shape, dtype, NaN/Inf, unknown input name)"),
-        "401": _json_error("Missing or wrong API key"),
-        "404": _json_error("Unknown model or version"),
-        "413": _json_error("Body too large"),
-        "415": _json_error("Content type is not application/json"),
-        "503": _json_error("Model not ready or queue full (see Retry-After)"),
-        "504": _json_error("Waited too long in the queue"),
-    },
-}
-PREDICT_SCHEMAS: list[type[BaseModel]] = [PredictRequest, PredictResponse, ErrorResponse]

@@ -24,12 +24,9 @@ import numpy as np
 import orjson
 from fastapi import FastAPI
 
-from app.api.asgi import ClientDisconnected, Receive, Scope, Send, header, read_body, send_json
-from app.api.openapi import add_raw_route
 from app.dataplane import DataPlane
 from app.errors import InvalidInput, UnsupportedMediaType
 from app.evaluate.readers import (
-    ByteStream,
     Chunk,
     EvaluationOptions,
     Schema,
@@ -38,11 +35,22 @@ from app.evaluate.readers import (
     ndjson_chunks,
     npz_chunks,
     parse_json_body,
-    parse_version,
 )
 from app.evaluate.runner import Tensors, evaluate, flat_scores
-from app.http_errors import error_parts, reason_for
-from app.observability import UNKNOWN_MODEL, Metrics
+from app.http.asgi import (
+    ClientDisconnected,
+    Receive,
+    RequestBody,
+    Scope,
+    Send,
+    is_json,
+    media_type,
+    send_json,
+)
+from app.http.errors import error_parts, reason_for
+from app.http.openapi import BINARY_SCHEMA, Operation, add_raw_route
+from app.http.params import parse_version
+from app.observability import UNKNOWN_MODEL, PrometheusMetrics
 from app.settings import Settings
 
 ENDPOINT = "/evaluate"
@@ -69,39 +77,12 @@ DRAIN_AFTER_ERROR_BYTES = 64 * 1024**2
 """After an early error, read (and drop) up to this much of the rest of the upload so that the client,
 still sending, gets the answer instead of a reset connection."""
 
-JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset(
     {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
 )
 CSV_TYPES = frozenset({"text/csv", "application/csv"})
 NPZ_TYPES = frozenset({"application/x-npz", "application/octet-stream", "application/zip"})
 QUERY_KEYS = frozenset({"model", "version", "label_column", "zero_division", "top_k", "pos_label"})
-
-
-class _Body:
-    """The request body as an async byte stream that remembers whether it was read to the end."""
-
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
-        self.done = False
-
-    async def stream(self) -> ByteStream:
-        while not self.done:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            self.done = not message.get("more_body", False)
-            body: bytes = message.get("body", b"")
-            if body:
-                yield body
-
-    async def drain(self, limit: int) -> None:
-        """Read and drop the rest of the body, up to ``limit`` bytes."""
-        size = 0
-        async for piece in self.stream():
-            size += len(piece)
-            if size > limit:
-                return
 
 
 def duty_cycle_sleep_seconds(worked_seconds: float, busy_fraction: float) -> float:
@@ -119,17 +100,10 @@ def _query(scope: Scope) -> dict[str, str]:
     return {key: values[-1] for key, values in raw.items()}
 
 
-def _media_type(scope: Scope) -> str | None:
-    value = header(scope, b"content-type")
-    if value is None:
-        return None
-    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
-
-
 class EvaluateEndpoint:
     """The raw ASGI app behind `POST /evaluate`."""
 
-    def __init__(self, dataplane: DataPlane, metrics: Metrics, settings: Settings) -> None:
+    def __init__(self, dataplane: DataPlane, metrics: PrometheusMetrics, settings: Settings) -> None:
         """Bind the core, the metrics and the limits."""
         self.dataplane = dataplane
         self.metrics = metrics
@@ -202,10 +176,10 @@ class EvaluateEndpoint:
         """Answer one request (every error becomes its JSON answer here; nothing propagates)."""
         started = time.perf_counter()
         label = UNKNOWN_MODEL
-        body = _Body(receive)
+        body = RequestBody(scope, receive)
         self._inflight.inc()
         try:
-            model, options, chunks = await self._open(scope, receive, body)
+            model, options, chunks = await self._open(scope, body)
             label = model.name
             async with aclosing(chunks):
                 report = await evaluate(
@@ -237,13 +211,12 @@ class EvaluateEndpoint:
             time.perf_counter() - started
         )
 
-    async def _open(self, scope: Scope, receive: Receive, body: _Body) -> tuple[Any, EvaluationOptions, Any]:
+    async def _open(self, scope: Scope, body: RequestBody) -> tuple[Any, EvaluationOptions, Any]:
         """Pick the reader for the content type; find the model; parse the options."""
-        media = _media_type(scope)
+        media = media_type(scope)
         query = _query(scope)
-        if media is None or media in JSON_TYPES or media.endswith("+json"):
-            raw = await read_body(scope, receive, self.settings.max_body_bytes)
-            body.done = True
+        if is_json(media):
+            raw = await body.read(self.settings.max_body_bytes)
             request = parse_json_body(raw)
             model = self.dataplane.get_model(request.model, request.version)
             return model, request.options, json_chunks(request, Schema.of(model))
@@ -279,9 +252,10 @@ class EvaluateEndpoint:
                 self.metrics.evaluation_score.labels(model=model, metric=metric).set(value)
 
 
-EVALUATE_OPERATION: dict[str, Any] = {
-    "summary": "Evaluate",
-    "description": (
+EVALUATE_OPERATION = Operation(
+    operation_id="evaluate",
+    summary="Evaluate",
+    description=(
         "Score labelled rows with a model, as scikit-learn would. Body: JSON "
         '`{"model", "inputs", "labels", "version"?, "zero_division"?, "top_k"?, "pos_label"?}`, or a '
         'streamed NDJSON (`application/x-ndjson`, one `{"input", "label"}` per line), CSV (`text/csv`, '
@@ -290,30 +264,23 @@ EVALUATE_OPERATION: dict[str, Any] = {
         "takes one list of steps per row (JSON, NDJSON), or NPZ `inputs` right-padded [N, steps, channels] "
         "with `lengths` [N] or `mask` [N, steps]."
     ),
-    "operationId": "evaluate",
-    "tags": ["evaluation"],
-    "parameters": [
-        {"name": key, "in": "query", "required": False, "schema": {"type": "string"}}
-        for key in sorted(QUERY_KEYS)
-    ],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "application/x-ndjson": {"schema": {"type": "string"}},
-            "text/csv": {"schema": {"type": "string"}},
-            "application/x-npz": {"schema": {"type": "string", "format": "binary"}},
-        },
+    tags=("evaluation",),
+    ok="The report: scores, the card's test metrics and the differences",
+    errors={
+        400: "Invalid data; the message names the row",
+        404: "Unknown model or version",
+        413: "Body too large",
+        415: "Unsupported content type",
+        503: "Model not ready",
     },
-    "responses": {
-        "200": {"description": "The report: scores, the card's test metrics and the differences"},
-        "400": {"description": "Invalid data; the message names the row"},
-        "404": {"description": "Unknown model or version"},
-        "413": {"description": "Body too large"},
-        "415": {"description": "Unsupported content type"},
-        "503": {"description": "Model not ready"},
+    body={
+        "application/json": {"type": "object"},
+        "application/x-ndjson": {"type": "string"},
+        "text/csv": {"type": "string"},
+        "application/x-npz": BINARY_SCHEMA,
     },
-}
+    query=tuple(sorted(QUERY_KEYS)),
+)
 
 
 def install(app: FastAPI) -> None:
@@ -322,7 +289,7 @@ def install(app: FastAPI) -> None:
         app,
         ENDPOINT,
         EvaluateEndpoint(app.state.dataplane, app.state.metrics, app.state.settings),
-        methods=["POST"],
+        method="POST",
         operation=EVALUATE_OPERATION,
     )
 

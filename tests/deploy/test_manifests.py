@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.metrics import MetricWrapperBase
 
 from app.main import create_app
-from app.observability import Metrics
+from app.observability import PrometheusMetrics
 from app.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def _answers(client: TestClient, path: str) -> bool:
 @pytest.fixture(scope="module")
 def app_metrics() -> dict[str, tuple[str, frozenset[str]]]:
     """Every sample name the app's metrics object can expose → (metric type, label names)."""
-    metrics = Metrics()
+    metrics = PrometheusMetrics()
     samples: dict[str, tuple[str, frozenset[str]]] = {}
     for attribute in vars(metrics).values():
         if not isinstance(attribute, MetricWrapperBase):

@@ -24,7 +24,7 @@ from app.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from app.http_errors import INTERNAL_ERROR_MESSAGE, error_parts, reason_for
+from app.http.errors import INTERNAL_ERROR_MESSAGE, error_parts, reason_for
 
 
 @pytest.mark.parametrize(
@@ -44,6 +44,27 @@ from app.http_errors import INTERNAL_ERROR_MESSAGE, error_parts, reason_for
 )
 def test_every_domain_error_has_its_status(error: ModelServeError, status: int) -> None:
     assert error_parts(error)[0] == status
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (InvalidInput("x"), "invalid_input"),
+        (Unauthorized("x"), "unauthorized"),
+        (FeatureDisabled("x"), "feature_disabled"),
+        (ModelNotFound("x"), "model_not_found"),
+        (PayloadTooLarge("x"), "payload_too_large"),
+        (UnsupportedMediaType("x"), "unsupported_media_type"),
+        (NotReady("x"), "not_ready"),
+        (Overloaded("x"), "overloaded"),
+        (DeadlineExceeded("x"), "deadline_exceeded"),
+        (InferenceFailed("x"), "inference_failed"),
+        (RuntimeError("x"), "internal_error"),
+    ],
+)
+def test_every_error_has_its_metric_reason(error: Exception, reason: str) -> None:
+    # The `reason` label values of modelserve_request_failures_total: dashboards select on them.
+    assert reason_for(error) == reason
 
 
 def test_overloaded_answers_503_with_retry_after() -> None:

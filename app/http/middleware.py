@@ -16,7 +16,8 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import Unauthorized
-from app.http_errors import error_parts
+from app.http.asgi import JSON_HEADER
+from app.http.errors import error_parts
 from app.observability import request_id_var
 from app.settings import Settings
 
@@ -75,7 +76,7 @@ class RequestContextMiddleware:
                     {
                         "type": "http.response.start",
                         "status": code,
-                        "headers": [(b"content-type", b"application/json"), *headers],
+                        "headers": [JSON_HEADER, *headers],
                     }
                 )
                 await send_with_id({"type": "http.response.body", "body": body})

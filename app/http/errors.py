@@ -2,17 +2,18 @@
 
 Raw ASGI handlers use `error_parts`; FastAPI routes get the same answers through the exception handlers
 that `install_exception_handlers` registers. 4xx are logged without a traceback; anything unexpected is a
-500 with a generic message (never a traceback or a path), logged with its traceback.
+500 with a generic message (never a traceback or a path), logged with its traceback. `ErrorResponse`
+documents the body in OpenAPI.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -29,6 +30,7 @@ from app.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from app.http.asgi import Headers
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +49,18 @@ STATUS_BY_ERROR: dict[type[ModelServeError], int] = {
 INTERNAL_ERROR_MESSAGE = (
     "internal server error; the request id in the X-Request-ID header finds it in the logs"
 )
-JSON_CONTENT_TYPE = (b"content-type", b"application/json")
-
-Headers = list[tuple[bytes, bytes]]
 
 
-def status_for(exc: ModelServeError) -> int:
-    """HTTP status of a domain error (the nearest class in the table; 500 if none)."""
+class ErrorResponse(BaseModel):
+    """Every error answer."""
+
+    error: str = Field(
+        description="what was wrong and where", examples=["inputs: expected shape [N, 4], got [2, 3]"]
+    )
+
+
+def status_for(exc: BaseException) -> int:
+    """HTTP status of an error (the nearest domain error class in the table; 500 if none)."""
     for cls in type(exc).__mro__:
         status = STATUS_BY_ERROR.get(cls)
         if status is not None:
@@ -62,10 +69,8 @@ def status_for(exc: ModelServeError) -> int:
 
 
 def reason_for(exc: BaseException) -> str:
-    """Low-cardinality snake_case name of an error, for the `reason` label of failure metrics."""
-    if not isinstance(exc, ModelServeError):
-        return "internal_error"
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+    """The `reason` label of failure metrics: the domain error's own, `internal_error` for anything else."""
+    return exc.reason if isinstance(exc, ModelServeError) else "internal_error"
 
 
 def error_body(message: str) -> bytes:

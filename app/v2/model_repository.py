@@ -1,0 +1,97 @@
+"""Triton's model repository extension (an admin surface, off unless settings enable it):
+`POST /v2/repository/index`, `/v2/repository/models/{model}/load` and `/unload`."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.dataplane import DataPlane
+from app.errors import FeatureDisabled, InvalidInput
+from app.http.asgi import read_body
+from app.v2.endpoint import dataplane_of, json_response, v2_route
+
+REPOSITORY_DISABLED: Final = (
+    "the model repository extension (index, load, unload) is disabled; "
+    "set MODELSERVE_ENABLE_REPOSITORY_API=true to enable it"
+)
+_REPOSITORY_STATES: Final = {
+    "ready": "READY",
+    "loading": "LOADING",
+    "failed": "UNAVAILABLE",
+    "unloaded": "UNAVAILABLE",
+}
+
+
+@v2_route("POST", "/v2/repository/index", summary="Repository index (admin)", errors=(400, 403))
+async def repository_index(request: Request) -> Response:
+    """Every model version in the repository with its state (`{"ready": true}` keeps only ready ones)."""
+    dataplane = _repository(request)
+    options = await _options(request, dataplane)
+    ready_only = options.get("ready", False) is True
+    index = [
+        {
+            "name": status.name,
+            "version": str(status.version),
+            "state": _REPOSITORY_STATES[status.state],
+            "reason": status.reason or ("unloaded" if status.state == "unloaded" else ""),
+        }
+        for status in dataplane.models()
+        if not ready_only or status.state == "ready"
+    ]
+    return json_response(index)
+
+
+@v2_route(
+    "POST", "/v2/repository/models/{model}/load", summary="Load a model (admin)", errors=(400, 403, 404)
+)
+async def repository_load(request: Request) -> Response:
+    """(Re)load every version of a model from the repository folder; 400 if none of them loads."""
+    dataplane = _repository(request)
+    name = request.path_params["model"]
+    options = await _options(request, dataplane)
+    if options.get("parameters"):
+        raise InvalidInput(
+            "load takes no parameters here (no config override or files); put the model on disk"
+        )
+    await dataplane.load(name)
+    failed = [status for status in dataplane.models() if status.name == name and status.state != "ready"]
+    if failed and len(failed) == len([status for status in dataplane.models() if status.name == name]):
+        reasons = "; ".join(f"version {status.version}: {status.reason}" for status in failed)
+        raise InvalidInput(f"model {name!r} failed to load: {reasons}")
+    return Response(status_code=200)
+
+
+@v2_route(
+    "POST", "/v2/repository/models/{model}/unload", summary="Unload a model (admin)", errors=(400, 403, 404)
+)
+async def repository_unload(request: Request) -> Response:
+    """Stop serving every version of a model."""
+    dataplane = _repository(request)
+    await _options(request, dataplane)
+    await dataplane.unload(request.path_params["model"])
+    return Response(status_code=200)
+
+
+def _repository(request: Request) -> DataPlane:
+    dataplane = dataplane_of(request)
+    if not dataplane.settings.enable_repository_api:
+        raise FeatureDisabled(REPOSITORY_DISABLED)
+    return dataplane
+
+
+async def _options(request: Request, dataplane: DataPlane) -> dict[str, Any]:
+    """The optional JSON object body of a repository request (at most the settings' body limit)."""
+    body = await read_body(request.scope, request.receive, dataplane.settings.max_body_bytes)
+    if not body.strip():
+        return {}
+    try:
+        options = orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        raise InvalidInput(f"request body is not valid JSON: {err}") from err
+    if not isinstance(options, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return options
