@@ -23,9 +23,11 @@ from pydantic import ValidationError
 from app.errors import InvalidInput
 from app.model_card import (
     CARD_FILENAME,
+    MASK_INPUT,
     ONNX_FILENAME,
     PROBABILITIES_OUTPUT,
     REGRESSION_OUTPUT,
+    SEQUENCE_INPUT,
     ModelCard,
     TensorSpec,
 )
@@ -49,9 +51,6 @@ ORT_DTYPES = {
     "tensor(uint64)": "uint64",
     "tensor(bool)": "bool",
 }
-# Inputs of the sequence convention (right padded, `mask` true on real steps): requests of different
-# lengths are padded to the longest one in a batch, which leaves every row's output unchanged.
-SEQUENCE_INPUT, MASK_INPUT = "sequence", "mask"
 _KIND_NAMES = {
     "U": "text",
     "S": "text",
