@@ -6,6 +6,8 @@ The rules (each is tested in `tests/serving/test_batcher.py`):
   request larger than that still runs, alone. Requests are never split.
 * One batch runs at a time per model, in a thread (onnxruntime releases the GIL), never on the event loop.
 * A request that arrives while the model is idle runs at once: no added latency at low load.
+* Requests batch together only when their signatures are equal (the model says which can share a call),
+  and a batch's inputs are stacked by the model's own collate.
 * Requests that arrive while a batch runs wait for the next one, which starts when it has `max_batch_rows`
   rows or when its oldest request has waited `max_delay_seconds` (measured with the loop's monotonic clock,
   and re-checked after every wake-up so an early timer cannot flush early).
@@ -40,18 +42,6 @@ Tensors = dict[str, np.ndarray]
 RunBatch = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 Collate = Callable[[Sequence[Mapping[str, np.ndarray]]], Mapping[str, np.ndarray]]
 Signature = Callable[[Mapping[str, np.ndarray]], Hashable]
-
-
-def concatenate(parts: Sequence[Mapping[str, np.ndarray]]) -> Tensors:
-    """Default collate: stack every input along the batch axis."""
-    if len(parts) == 1:
-        return dict(parts[0])
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-
-
-def shapes_without_batch(inputs: Mapping[str, np.ndarray]) -> Hashable:
-    """Default signature: requests batch together when all their non-batch dimensions agree."""
-    return tuple((name, array.shape[1:]) for name, array in inputs.items())
 
 
 def split_rows(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[Tensors]:
@@ -99,10 +89,10 @@ class Batcher:
         max_batch_rows: int,
         max_delay_seconds: float,
         max_queue_rows: int,
+        collate: Collate,
+        signature: Signature,
         queue_timeout_seconds: float = 30.0,
         retry_after_seconds: float = 1.0,
-        collate: Collate = concatenate,
-        signature: Signature = shapes_without_batch,
         executor: Executor | None = None,
         background_executor: Executor | None = None,
         metrics: ModelPrometheusMetrics | None = None,
@@ -115,10 +105,10 @@ class Batcher:
             max_batch_rows: most rows per call (a larger single request runs alone).
             max_delay_seconds: longest the oldest waiting request waits for more rows once the model is free.
             max_queue_rows: rows that may wait; more raises `Overloaded` (background requests wait instead).
-            queue_timeout_seconds: longest a foreground request may wait before `DeadlineExceeded`.
-            retry_after_seconds: the `Retry-After` hint carried by `Overloaded` and `NotReady`.
             collate: stacks the inputs of several requests into one batch.
             signature: requests batch together only when their signatures are equal.
+            queue_timeout_seconds: longest a foreground request may wait before `DeadlineExceeded`.
+            retry_after_seconds: the `Retry-After` hint carried by `Overloaded` and `NotReady`.
             executor: where `run` executes (the loop's default executor when None).
             background_executor: where a batch of background rows only executes (low-priority threads,
                 so that the CPU goes to interactive work first); `executor` when None.

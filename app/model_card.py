@@ -27,13 +27,28 @@ CARD_FILENAME = "model.json"
 ONNX_FILENAME = "model.onnx"
 SCHEMA_VERSION = 1
 
-# Names of the tensors the conventions above fix.
+Task = Literal["classification", "regression"]
+Modality = Literal["tabular", "image", "sequence"]
+
+# Names of the tensors the conventions above fix: the trainer writes graphs with them, the server reads them.
+FEATURES_INPUT = "features"
+IMAGE_INPUT = "image"
+SEQUENCE_INPUT = "sequence"
+MASK_INPUT = "mask"
 PROBABILITIES_OUTPUT = "probabilities"
 LABEL_INDEX_OUTPUT = "label_index"
 REGRESSION_OUTPUT = "value"
 
-Task = Literal["classification", "regression"]
-Modality = Literal["tabular", "image", "sequence"]
+# The graph inputs of each modality and the graph outputs of each task, in order.
+INPUT_NAMES: dict[Modality, tuple[str, ...]] = {
+    "tabular": (FEATURES_INPUT,),
+    "image": (IMAGE_INPUT,),
+    "sequence": (SEQUENCE_INPUT, MASK_INPUT),
+}
+OUTPUT_NAMES: dict[Task, tuple[str, ...]] = {
+    "classification": (PROBABILITIES_OUTPUT, LABEL_INDEX_OUTPUT),
+    "regression": (REGRESSION_OUTPUT,),
+}
 
 
 class _Strict(BaseModel):
@@ -89,8 +104,8 @@ class OnnxInfo(_Strict):
     )
 
 
-class Metrics(_Strict):
-    """Scores on the validation (selection) and test (reported once) splits."""
+class CardMetrics(_Strict):
+    """The card's scores: on the validation (selection) and test (reported once) splits."""
 
     validation: dict[str, Any] = Field(default_factory=dict)
     test: dict[str, Any] = Field(default_factory=dict)
@@ -115,7 +130,7 @@ class ModelCard(_Strict):
     training: dict[str, Any] = Field(
         default_factory=dict, description="epochs run, best epoch, tuning summary, distributed world size"
     )
-    metrics: Metrics
+    metrics: CardMetrics
     onnx: OnnxInfo
     library_versions: dict[str, str] = Field(default_factory=dict)
     created_at: datetime

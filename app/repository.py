@@ -24,9 +24,11 @@ from app.dtypes import NUMPY_BY_ONNXRUNTIME
 from app.errors import InvalidInput
 from app.model_card import (
     CARD_FILENAME,
+    MASK_INPUT,
     ONNX_FILENAME,
     PROBABILITIES_OUTPUT,
     REGRESSION_OUTPUT,
+    SEQUENCE_INPUT,
     ModelCard,
     TensorSpec,
 )
@@ -35,9 +37,6 @@ from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Inputs of the sequence convention (right padded, `mask` true on real steps): requests of different
-# lengths are padded to the longest one in a batch, which leaves every row's output unchanged.
-SEQUENCE_INPUT, MASK_INPUT = "sequence", "mask"
 _KIND_NAMES = {
     "U": "text",
     "S": "text",

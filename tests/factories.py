@@ -26,8 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 from app.model_card import (
     CARD_FILENAME,
     ONNX_FILENAME,
+    CardMetrics,
     DatasetInfo,
-    Metrics,
     ModelCard,
     OnnxInfo,
     SplitInfo,
@@ -216,7 +216,7 @@ def write_model(root: Path, name: str, version: int, built: BuiltModel) -> Path:
             n_samples=30,
             split=SplitInfo(seed=0, stratified=False, train=10, validation=10, test=10),
         ),
-        metrics=Metrics(test={"accuracy": 0.9} if built.task == "classification" else {"r2": 0.5}),
+        metrics=CardMetrics(test={"accuracy": 0.9} if built.task == "classification" else {"r2": 0.5}),
         onnx=OnnxInfo(sha256=sha256_of(onnx_path), size_bytes=onnx_path.stat().st_size, opset=OPSET),
         library_versions={"onnx": onnx.__version__},
         created_at=datetime(2026, 1, 1, tzinfo=UTC),

@@ -1,7 +1,7 @@
-"""`modeltrain`: the training command line.
+"""`modeltrain`: the training command line (`fit` and `tune`).
 
-Each subcommand lives in a module with a `add_*_command(subparsers)` function listed in `COMMANDS`;
-it registers its parser and sets `handler` (a function of the parsed args returning an exit status).
+Each subcommand has an `add_*_command(subparsers)` function, called by `build_parser`, that registers
+its parser and sets `handler` (a function of the parsed args returning an exit status).
 Deliberate errors (`TrainerError`) print one line on stderr and exit with status 2, without a traceback;
 anything unexpected prints one line too and exits 1 (`-v` shows the traceback).
 """
@@ -9,23 +9,21 @@ anything unexpected prints one line too and exits 1 (`-v` shows the traceback).
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trainer.config import TrainConfig, load_config
-from trainer.distributed import BACKENDS, broadcast_flag, distributed_session
-from trainer.errors import ExportError, TrainerError
+from trainer.distributed import BACKENDS, broadcast_flag, distributed_session, launched_by_torchrun
+from trainer.errors import ConfigError, ExportError, TrainerError
+from trainer.export import export_model
+from trainer.fit import train_and_evaluate
+from trainer.tuning import STRATEGIES, check_trials, tune_and_export
 
 log = logging.getLogger("trainer")
-
-# "module:function" of every subcommand registrar, in help order. Add new commands here.
-COMMANDS: tuple[str, ...] = (
-    "trainer.cli:add_fit_command",
-    "trainer.tuning:add_tune_command",
-)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -65,8 +63,6 @@ def load_run_config(args: argparse.Namespace) -> TrainConfig:
     if target.exists() and not args.replace:
         raise ExportError(f"{target} already exists; use --replace to overwrite it")
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(max(1, args.threads))
     return config
 
@@ -95,8 +91,6 @@ def run_fit(args: argparse.Namespace) -> int:
     Under torchrun every process trains its shard (DDP); only rank 0 exports, and the others wait
     for it and exit with status 0 once its export succeeded.
     """
-    from trainer.fit import export_model, train_and_evaluate
-
     config = load_run_config(args)  # a bad config or an existing version fails on every rank, early
     with distributed_session(args.backend) as context:
         if not context.is_main:
@@ -123,23 +117,62 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tune_command(subparsers: Any) -> None:
+    """Register `modeltrain tune CONFIG --strategy grid|random|bayes --trials N --output DIR`."""
+    parser = subparsers.add_parser(
+        "tune",
+        help="search hyperparameters on the validation split, then retrain and export the best",
+        description=(
+            "Search the space in CONFIG's 'search:' section, scoring each trial on the validation split "
+            "(hopeless trials are pruned), then train the best configuration again and export "
+            "DIR/<name>/<version>/ with trials.csv beside the model."
+        ),
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--strategy", choices=STRATEGIES, required=True, help="grid, random, or bayes (TPE)")
+    parser.add_argument(
+        "--trials", type=int, required=True, help="number of trials (a grid stops when exhausted)"
+    )
+    parser.add_argument(
+        "--seed", type=int, help="override the config's seed (seeds the sampler and every run)"
+    )
+    parser.set_defaults(handler=run_tune)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """Handler of `modeltrain tune`; everything is checked before the first trial trains.
+
+    `--epochs` and `--seed` change the base config; a searched parameter (even `optim.epochs`) still
+    takes each trial's value.
+    """
+    if launched_by_torchrun():  # every process would run the whole search and race to export
+        raise ConfigError("modeltrain tune runs in one process; under torchrun use modeltrain fit")
+    check_trials(args.trials)
+    config = load_run_config(args)
+    if args.seed is not None:
+        config = config.with_overrides({"seed": args.seed})
+    tuned = tune_and_export(
+        config,
+        args.output,
+        strategy=args.strategy,
+        n_trials=args.trials,
+        replace=args.replace,
+        progress=not args.no_progress,
+    )
+    sys.stdout.write(f"{tuned.version_dir}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `modeltrain` parser with every available subcommand registered."""
+    """The `modeltrain` parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="modeltrain", description="Train, tune and export modelserve models."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for entry in COMMANDS:
-        module_name, function_name = entry.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # a command whose module is not written yet
-        getattr(module, function_name)(subparsers)
+    add_fit_command(subparsers)
+    add_tune_command(subparsers)
     return parser
 
 

@@ -15,10 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.model_card import Modality, Task
 from trainer.errors import ConfigError
-
-Task = Literal["classification", "regression"]
-Modality = Literal["tabular", "image", "sequence"]
 
 BUILTIN_SOURCES: dict[str, tuple[Task, Modality]] = {
     "digits": ("classification", "image"),

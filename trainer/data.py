@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 from sklearn import datasets as sk_datasets
 from sklearn.model_selection import train_test_split
 
-from trainer.config import BUILTIN_SOURCES, DataConfig, Modality, SplitConfig, Task, WavesConfig
+from app.model_card import Modality, Task
+from trainer.config import BUILTIN_SOURCES, DataConfig, SplitConfig, WavesConfig
 from trainer.errors import DataError
 
 WAVE_KINDS = ("sine", "square", "sawtooth", "triangle")
@@ -145,7 +147,7 @@ def _load_builtin(name: str) -> Dataset:
     )
 
 
-def wave(kind: str, phase: np.ndarray) -> np.ndarray:
+def wave(kind: str, phase: NDArray[np.float64]) -> NDArray[np.float64]:
     """One period-1 waveform of amplitude 1 evaluated at `phase` (in cycles)."""
     frac = np.mod(phase, 1.0)
     if kind == "sine":

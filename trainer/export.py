@@ -24,9 +24,17 @@ import torch
 
 from app.model_card import (
     CARD_FILENAME,
+    FEATURES_INPUT,
+    IMAGE_INPUT,
+    INPUT_NAMES,
+    LABEL_INDEX_OUTPUT,
+    MASK_INPUT,
     ONNX_FILENAME,
+    PROBABILITIES_OUTPUT,
+    REGRESSION_OUTPUT,
+    SEQUENCE_INPUT,
+    CardMetrics,
     DatasetInfo,
-    Metrics,
     ModelCard,
     OnnxInfo,
     PreprocessingStep,
@@ -38,7 +46,7 @@ from trainer.config import TrainConfig
 from trainer.errors import ExportError
 from trainer.fit import TrainResult, score_split
 from trainer.metrics import confusion
-from trainer.models import INPUT_NAMES, Pipeline, graph_module
+from trainer.models import GraphModule, Pipeline
 from trainer.report import plot_confusion, plot_curves, plot_predictions
 
 log = logging.getLogger(__name__)
@@ -65,13 +73,13 @@ RESERVED_FILENAMES = frozenset(
 LIBRARIES = ("torch", "onnx", "onnxscript", "onnxruntime", "numpy", "scikit-learn")
 
 TENSOR_DESCRIPTIONS = {
-    "features": "raw feature values, one row per example",
-    "image": "raw pixel values [channels, height, width]",
-    "sequence": "raw samples [steps, channels], right-padded with zeros",
-    "mask": "true on real steps, false on padding",
-    "probabilities": "class probabilities, rows sum to 1",
-    "label_index": "index of the most probable class into labels",
-    "value": "predicted target value",
+    FEATURES_INPUT: "raw feature values, one row per example",
+    IMAGE_INPUT: "raw pixel values [channels, height, width]",
+    SEQUENCE_INPUT: "raw samples [steps, channels], right-padded with zeros",
+    MASK_INPUT: "true on real steps, false on padding",
+    PROBABILITIES_OUTPUT: "class probabilities, rows sum to 1",
+    LABEL_INDEX_OUTPUT: "index of the most probable class into labels",
+    REGRESSION_OUTPUT: "predicted target value",
 }
 
 
@@ -80,25 +88,29 @@ def parity_feeds(split: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
     x = split.x[rows]
     mask = split.mask()
     if mask is None:
-        name = "image" if x.ndim == 4 else "features"
+        name = IMAGE_INPUT if x.ndim == 4 else FEATURES_INPUT
         return {name: np.ascontiguousarray(x, dtype=np.float32)}
     mask = mask[rows]
     steps = max(1, int(mask.sum(axis=1).max()))
-    return {"sequence": np.ascontiguousarray(x[:, :steps], dtype=np.float32), "mask": mask[:, :steps].copy()}
+    return {
+        SEQUENCE_INPUT: np.ascontiguousarray(x[:, :steps], dtype=np.float32),
+        MASK_INPUT: mask[:, :steps].copy(),
+    }
 
 
 def export_onnx(
     model: Pipeline, example: dict[str, np.ndarray], path: Path, metadata_map: dict[str, str]
 ) -> None:
     """Export `model` as one self-contained ONNX file with dynamic batch (and sequence) axes."""
-    graph = graph_module(model)
+    graph = GraphModule(model).eval()
     names = INPUT_NAMES[model.modality]
     batch = torch.export.Dim("batch")
+    # Dynamic axes of each input, by position: the batch, and for sequences also the steps.
     if model.modality == "sequence":
         steps = torch.export.Dim("steps")
-        dynamic: dict[str, Any] = {"sequence": {0: batch, 1: steps}, "mask": {0: batch, 1: steps}}
+        dynamic: tuple[dict[int, torch.export.Dim], ...] = ({0: batch, 1: steps}, {0: batch, 1: steps})
     else:
-        dynamic = {names[0]: {0: batch}}
+        dynamic = ({0: batch},)
     args = tuple(torch.from_numpy(example[name]) for name in names)
     with warnings.catch_warnings(), _quiet_exporter_logs():
         _ignore_exporter_warnings()
@@ -193,7 +205,7 @@ def check_parity(model: Pipeline, path: Path, split: Any) -> float:
                 raise ExportError(
                     f"parity check: output '{name}' has shape {got.shape}, torch gives {want.shape}"
                 )
-            if name == "label_index":
+            if name == LABEL_INDEX_OUTPUT:
                 _check_labels(want, got, expected[0], size)
                 continue
             diff = np.abs(got.astype(np.float64) - want)
@@ -210,7 +222,9 @@ def _check_labels(want: np.ndarray, got: np.ndarray, probabilities: np.ndarray, 
     top_two = np.sort(probabilities, axis=1)[:, -2:] if probabilities.shape[1] > 1 else None
     tied = np.zeros(len(want), bool) if top_two is None else (top_two[:, 1] - top_two[:, 0]) <= PARITY_ATOL
     if np.any((want != got) & ~tied):
-        raise ExportError(f"parity check failed: 'label_index' differs from torch on a batch of {size}")
+        raise ExportError(
+            f"parity check failed: {LABEL_INDEX_OUTPUT!r} differs from torch on a batch of {size}"
+        )
 
 
 def _tensor_specs(values: Any) -> list[TensorSpec]:
@@ -228,7 +242,7 @@ def _tensor_specs(values: Any) -> list[TensorSpec]:
 
 
 def _opset(proto: onnx.ModelProto) -> int:
-    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+    return int(next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")))
 
 
 def library_versions() -> dict[str, str]:
@@ -286,7 +300,7 @@ def build_card(
         labels=dataset.labels if config.task == "classification" else None,
         preprocessing=[PreprocessingStep(kind=s["kind"], params=s["params"]) for s in result.preprocessing]
         + (
-            [PreprocessingStep(kind="pad_mask", params={"padding": "right", "mask_input": "mask"})]
+            [PreprocessingStep(kind="pad_mask", params={"padding": "right", "mask_input": MASK_INPUT})]
             if dataset.modality == "sequence"
             else []
         ),
@@ -305,7 +319,7 @@ def build_card(
         ),
         hyperparameters=hyperparameters,
         training=training,
-        metrics=Metrics(validation=_rounded(result.validation_metrics), test=_rounded(test_metrics)),
+        metrics=CardMetrics(validation=_rounded(result.validation_metrics), test=_rounded(test_metrics)),
         onnx=OnnxInfo(
             sha256=sha256_of(onnx_path),
             size_bytes=onnx_path.stat().st_size,
@@ -351,7 +365,7 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
-def export_to_repository(
+def export_model(
     result: TrainResult,
     config: TrainConfig,
     output_dir: Path,
@@ -360,7 +374,26 @@ def export_to_repository(
     training_info: dict[str, Any] | None = None,
     replace: bool = False,
 ) -> Path:
-    """See `trainer.fit.export_model`."""
+    """Score the test split once, export ONNX + card + report into `output_dir/<name>/<version>/`.
+
+    Everything is written to a staging folder inside `output_dir` and moved into place only when
+    complete, so a failure leaves no half-written version behind.
+
+    Args:
+        result: the trained run.
+        config: the config it was trained from (recorded in the card).
+        output_dir: the model repository.
+        extra_files: more files to put beside the model (e.g. `{"trials.csv": ...}`); plain names only.
+        training_info: merged into the card's `training` section (e.g. a tuning summary).
+        replace: overwrite an existing version instead of refusing.
+
+    Returns:
+        The version directory.
+
+    Raises:
+        ExportError: the version exists (without `replace`), a file name is not allowed, or the
+            onnxruntime/torch parity check fails.
+    """
     extra_files = extra_files or {}
     _check_extra_files(extra_files)
     target = output_dir / config.name / str(config.version)

@@ -1,8 +1,7 @@
-"""Train one config and export it: the two calls `modeltrain fit` and `modeltrain tune` are built on.
+"""Train one config: `train_and_evaluate`, which `modeltrain fit` and every `modeltrain tune` trial run.
 
-`train_and_evaluate` trains on the training split and scores the validation split after every epoch;
-it never touches the test split. `export_model` scores the test split once, exports the graph and
-writes the model card into the repository.
+It trains on the training split and scores the validation split after every epoch; it never touches
+the test split (`trainer.export.export_model` scores that once, when it exports the trained run).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -220,7 +218,7 @@ def _train_epoch(
         x, y, mask = _to_device(device, x, y, mask)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x, mask), y)
-        loss.backward()  # under DDP this also averages the gradients over every process
+        torch.autograd.backward(loss)  # under DDP this also averages the gradients over every process
         if config.optim.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
         optimizer.step()
@@ -441,40 +439,3 @@ def _distributed_info(context: DistContext, shard: _Shard | None) -> dict[str, A
         "device": context.device.type,
         "batch_size_per_process": shard.batch_size,
     }
-
-
-def export_model(
-    result: TrainResult,
-    config: TrainConfig,
-    output_dir: Path,
-    *,
-    extra_files: dict[str, bytes] | None = None,
-    training_info: dict[str, Any] | None = None,
-    replace: bool = False,
-) -> Path:
-    """Score the test split once, export ONNX + card + report into `output_dir/<name>/<version>/`.
-
-    Everything is written to a staging folder inside `output_dir` and moved into place only when
-    complete, so a failure leaves no half-written version behind.
-
-    Args:
-        result: the trained run.
-        config: the config it was trained from (recorded in the card).
-        output_dir: the model repository.
-        extra_files: more files to put beside the model (e.g. `{"trials.csv": ...}`); plain names only.
-        training_info: merged into the card's `training` section (e.g. a tuning summary).
-        replace: overwrite an existing version instead of refusing.
-
-    Returns:
-        The version directory.
-
-    Raises:
-        ExportError: the version exists (without `replace`), a file name is not allowed, or the
-            onnxruntime/torch parity check fails.
-    """
-    # Imported here so that tuning trials, which never export, do not pay for onnx and matplotlib.
-    from trainer.export import export_to_repository
-
-    return export_to_repository(
-        result, config, output_dir, extra_files=extra_files, training_info=training_info, replace=replace
-    )

@@ -39,4 +39,4 @@ def regression_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """Rows are true classes, columns predictions, in class-index order."""
-    return confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
+    return np.asarray(confusion_matrix(y_true, y_pred, labels=list(range(n_classes))), dtype=np.int64)

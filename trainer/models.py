@@ -1,9 +1,9 @@
-"""Networks, the `Pipeline` that puts preprocessing in front of them, and the export wrappers.
+"""Networks, the `Pipeline` that puts preprocessing in front of them, and the module export traces.
 
 A `Pipeline` maps raw inputs to logits (classification) or a standardized value (regression) for
-training. `Pipeline.outputs` adds the inference head the graph exposes: `probabilities` and
-`label_index` for classifiers, `value` in target units for regressors. The `*Graph` wrappers only fix
-the `forward` argument names, which become the ONNX input names (`features`, `image`, `sequence`+`mask`).
+training. `Pipeline.outputs` adds the inference head the graph exposes: class probabilities and the
+label index for classifiers, the value in target units for regressors. `GraphModule` is what export
+traces; the graph's tensor names come from `app.model_card` (`INPUT_NAMES`, `OUTPUT_NAMES`).
 """
 
 from __future__ import annotations
@@ -13,21 +13,9 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import (
-    ALLOWED_ARCHITECTURES,
-    DEFAULT_ARCHITECTURE,
-    Architecture,
-    Modality,
-    ModelConfig,
-    Task,
-)
+from app.model_card import OUTPUT_NAMES, Modality, Task
+from trainer.config import ALLOWED_ARCHITECTURES, DEFAULT_ARCHITECTURE, Architecture, ModelConfig
 from trainer.errors import ConfigError
-
-INPUT_NAMES: dict[Modality, tuple[str, ...]] = {
-    "tabular": ("features",),
-    "image": ("image",),
-    "sequence": ("sequence", "mask"),
-}
 
 
 def resolve_architecture(requested: str, modality: Modality) -> Architecture:
@@ -60,7 +48,8 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        logits: torch.Tensor = self.layers(x)
+        return logits
 
 
 class CNN(nn.Module):
@@ -99,7 +88,8 @@ class CNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits: torch.Tensor = self.head(self.features(x))
+        return logits
 
 
 def last_real_step(outputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -133,7 +123,8 @@ class RecurrentNet(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         outputs, _ = self.rnn(x)
-        return self.head(last_real_step(outputs, mask))
+        logits: torch.Tensor = self.head(last_real_step(outputs, mask))
+        return logits
 
 
 def sinusoidal_positions(length: int, d_model: int, like: torch.Tensor) -> torch.Tensor:
@@ -176,7 +167,8 @@ class TransformerNet(nn.Module):
         hidden = self.encoder(hidden, src_key_padding_mask=ignore)
         weights = mask.to(hidden.dtype).unsqueeze(2)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return self.head(self.norm(pooled))
+        logits: torch.Tensor = self.head(self.norm(pooled))
+        return logits
 
 
 def build_network(
@@ -235,9 +227,8 @@ class Pipeline(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.preprocess(x)
-        if mask is not None:
-            return self.network(x, mask)
-        return self.network(x)
+        raw: torch.Tensor = self.network(x) if mask is None else self.network(x, mask)
+        return raw
 
     def outputs(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The graph outputs: (probabilities, label_index) or (value,) in target units."""
@@ -247,44 +238,16 @@ class Pipeline(nn.Module):
         return (raw[:, 0] * self.target_std + self.target_mean,)
 
     def output_names(self) -> tuple[str, ...]:
-        """Names of `outputs`, in order (fixed by docs/CONTRACTS.md)."""
-        return ("probabilities", "label_index") if self.task == "classification" else ("value",)
+        """Names of `outputs`, in order."""
+        return OUTPUT_NAMES[self.task]
 
 
-class TabularGraph(nn.Module):
-    """Export wrapper: input `features` [N, F]."""
-
-    def __init__(self, pipeline: Pipeline) -> None:
-        super().__init__()
-        self.pipeline = pipeline
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.pipeline.outputs(features)
-
-
-class ImageGraph(nn.Module):
-    """Export wrapper: input `image` [N, C, H, W] raw pixels."""
+class GraphModule(nn.Module):
+    """What export traces: a pipeline's graph outputs from its raw inputs, in `INPUT_NAMES` order."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         super().__init__()
         self.pipeline = pipeline
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.pipeline.outputs(image)
-
-
-class SequenceGraph(nn.Module):
-    """Export wrapper: inputs `sequence` [N, T, K] right-padded and `mask` [N, T] bool."""
-
-    def __init__(self, pipeline: Pipeline) -> None:
-        super().__init__()
-        self.pipeline = pipeline
-
-    def forward(self, sequence: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.pipeline.outputs(sequence, mask)
-
-
-def graph_module(pipeline: Pipeline) -> nn.Module:
-    """The wrapper whose `forward` argument names are the contract's input names for this modality."""
-    wrapper = {"tabular": TabularGraph, "image": ImageGraph, "sequence": SequenceGraph}[pipeline.modality]
-    return wrapper(pipeline).eval()
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return self.pipeline.outputs(x, mask)

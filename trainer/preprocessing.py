@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import AugmentationConfig, Modality, PreprocessingConfig
+from app.model_card import Modality
+from trainer.config import AugmentationConfig, PreprocessingConfig
 
 # A feature whose training spread is below this is constant: centre it but do not divide by ~0.
 MIN_SCALE = 1e-6

@@ -1,12 +1,12 @@
-"""Hyperparameter search: `modeltrain tune CONFIG --strategy grid|random|bayes --trials N --output DIR`.
+"""Hyperparameter search on the validation split, then the best configuration retrained and exported.
 
-The config's `search:` section declares the space (dotted config paths → float / int / categorical
-ranges), the validation metric and its direction. Each trial applies its parameters to the config with
-`TrainConfig.with_overrides`, trains with `train_and_evaluate` (which never sees the test split) and is
-scored on the validation split only. A median pruner stops trials whose per-epoch validation score falls
-behind the median of earlier trials at the same epoch. The best configuration is then trained again from
-scratch with the same seed and exported with `export_model`; the trials table rides along as
-`trials.csv` and the card's `training.tuning` section records the search.
+The config's `search:` section declares the space (`trainer.search_space`), the validation metric and
+its direction. Each trial applies its parameters to the config with `TrainConfig.with_overrides`, trains
+with `train_and_evaluate` (which never sees the test split) and is scored on the validation split only.
+A median pruner stops trials whose per-epoch validation score falls behind the median of earlier trials
+at the same epoch. The best configuration is then trained again from scratch with the same seed and
+exported with `export_model`; the trials table rides along as `trials.csv` and the card's
+`training.tuning` section records the search.
 
 One seed (the config's, or `--seed`) drives the sampler and every training run, so the same command gives
 the same trials and the same exported model.
@@ -14,13 +14,11 @@ the same trials and the same exported model.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,94 +29,28 @@ from typing import Any, Literal, get_args
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from trainer.config import (
-    CategoricalParam,
-    FloatParam,
-    IntParam,
-    SearchConfig,
-    TrainConfig,
-    metric_direction,
-)
-from trainer.distributed import launched_by_torchrun
+from trainer.config import TrainConfig
 from trainer.errors import ConfigError
+from trainer.export import export_model
+from trainer.fit import TrainingDiverged, train_and_evaluate
+from trainer.search_space import (
+    Param,
+    ResolvedSearch,
+    decode_params,
+    grid_values,
+    resolve_search,
+    suggest_overrides,
+)
 
 log = logging.getLogger(__name__)
 
 Strategy = Literal["grid", "random", "bayes"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-Param = FloatParam | IntParam | CategoricalParam
 
 TRIALS_FILENAME = "trials.csv"
-# A grid is materialised in memory by optuna's GridSampler; refuse sizes no one would run to the end.
-MAX_GRID_POINTS = 100_000
-# optuna stores categorical choices as these types; anything else (lists such as hidden sizes) is
-# passed to optuna as its JSON text and decoded again, which keeps optuna from warning about storage.
-_PLAIN_CHOICE_TYPES = (type(None), bool, int, float, str)
 
 
-# ------------------------------------------------------------------------------------ the space
-
-
-@dataclass(frozen=True)
-class ResolvedSearch:
-    """A config's search section with the defaults filled in.
-
-    Attributes:
-        space: dotted config path → parameter range, in the config's order.
-        metric: validation metric every trial is scored by.
-        direction: `maximize` or `minimize` for that metric.
-    """
-
-    space: dict[str, Param]
-    metric: str
-    direction: Literal["maximize", "minimize"]
-
-
-def resolve_search(config: TrainConfig) -> ResolvedSearch:
-    """The search section of `config`, defaults applied (metric: the config's selection metric).
-
-    Raises:
-        ConfigError: the config has no `search:` section.
-    """
-    search: SearchConfig | None = config.search
-    if search is None:
-        raise ConfigError(
-            "the config has no 'search:' section; add one with a 'space' of dotted config paths to tune"
-        )
-    metric = search.metric or config.selection_metric
-    direction = search.direction or metric_direction(metric)
-    return ResolvedSearch(space=dict(search.space), metric=metric, direction=direction)
-
-
-def float_grid(spec: FloatParam) -> list[float]:
-    """`grid_points` values from low to high inclusive: evenly spaced, or evenly in log space when `log`."""
-    steps = spec.grid_points - 1
-    if spec.log:
-        ratio = math.log(spec.high / spec.low)
-        return [spec.low * math.exp(ratio * i / steps) for i in range(steps)] + [spec.high]
-    return [spec.low + (spec.high - spec.low) * i / steps for i in range(steps)] + [spec.high]
-
-
-def grid_values(space: dict[str, Param]) -> dict[str, list[Any]]:
-    """Every value each parameter takes in a grid search (categorical choices encoded for optuna).
-
-    Raises:
-        ConfigError: the grid is too large.
-    """
-    grid: dict[str, Sequence[Any]] = {}
-    for path, spec in space.items():
-        if isinstance(spec, CategoricalParam):
-            grid[path] = [_encode_choice(choice) for choice in spec.choices]
-        elif isinstance(spec, IntParam):
-            grid[path] = range(spec.low, spec.high + 1, spec.step)  # sized before it is listed
-        else:
-            grid[path] = float_grid(spec)
-    size = math.prod(len(values) for values in grid.values())
-    if size > MAX_GRID_POINTS:
-        raise ConfigError(
-            f"the search grid has {size:,} points (at most {MAX_GRID_POINTS:,}); coarsen its ranges"
-        )
-    return {path: list(values) for path, values in grid.items()}
+# ------------------------------------------------------------------------------------ sampling
 
 
 def make_sampler(
@@ -155,39 +87,6 @@ def make_pruner(n_trials: int) -> optuna.pruners.BasePruner:
     """
     # Epochs are reported 1-based and pruning starts once a step reaches n_warmup_steps: 2 skips epoch 1.
     return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, n_trials // 4)), n_warmup_steps=2)
-
-
-def _encode_choice(choice: Any) -> Any:
-    return choice if isinstance(choice, _PLAIN_CHOICE_TYPES) else json.dumps(choice)
-
-
-def suggest_overrides(trial: optuna.Trial, space: dict[str, Param]) -> dict[str, Any]:
-    """Ask `trial` for one value of every parameter; returns config overrides (dotted path → value)."""
-    overrides: dict[str, Any] = {}
-    for path, spec in space.items():
-        if isinstance(spec, FloatParam):
-            overrides[path] = trial.suggest_float(path, spec.low, spec.high, log=spec.log)
-        elif isinstance(spec, IntParam):
-            # The last value on the step grid: optuna warns (and does the same) when high is off the grid.
-            high = spec.high - (spec.high - spec.low) % spec.step
-            overrides[path] = trial.suggest_int(path, spec.low, high, step=spec.step)
-        else:
-            encoded = [_encode_choice(choice) for choice in spec.choices]
-            picked = trial.suggest_categorical(path, encoded)
-            overrides[path] = spec.choices[encoded.index(picked)]
-    return overrides
-
-
-def decode_params(params: dict[str, Any], space: dict[str, Param]) -> dict[str, Any]:
-    """A finished trial's optuna params as config values (JSON-encoded categorical choices decoded)."""
-    decoded: dict[str, Any] = {}
-    for path, value in params.items():
-        spec = space.get(path)
-        if isinstance(spec, CategoricalParam):
-            encoded = [_encode_choice(choice) for choice in spec.choices]
-            value = spec.choices[encoded.index(value)]
-        decoded[path] = value
-    return decoded
 
 
 # ---------------------------------------------------------------------------------------- search
@@ -317,8 +216,6 @@ def make_objective(
     with `optuna.TrialPruned`. A combination the config rejects or a diverging run fails the trial (its
     reason kept as the `error` user attribute) without ending the search.
     """
-    # Imported here so that building a parser or checking a space does not load torch.
-    from trainer.fit import TrainingDiverged, train_and_evaluate
 
     def objective(trial: optuna.Trial) -> float:
         overrides = suggest_overrides(trial, search.space)
@@ -474,11 +371,9 @@ def tune_and_export(
 
     Raises:
         ConfigError: see `run_search`.
-        ExportError: see `trainer.fit.export_model`.
+        ExportError: see `trainer.export.export_model`.
     """
     outcome = run_search(config, strategy=strategy, n_trials=n_trials, pruner=pruner)
-    from trainer.fit import export_model, train_and_evaluate  # after the checks: a bad space fails fast
-
     best_config = config.with_overrides(outcome.best_overrides)
     result = train_and_evaluate(best_config, progress=progress)
     metric = outcome.search.metric
@@ -510,56 +405,3 @@ def tune_and_export(
         retrained,
     )
     return TuneResult(outcome=outcome, config=best_config, version_dir=version_dir, retrained_value=retrained)
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def add_tune_command(subparsers: Any) -> None:
-    """Register `modeltrain tune CONFIG --strategy grid|random|bayes --trials N --output DIR`."""
-    from trainer.cli import add_common_arguments
-
-    parser = subparsers.add_parser(
-        "tune",
-        help="search hyperparameters on the validation split, then retrain and export the best",
-        description=(
-            "Search the space in CONFIG's 'search:' section, scoring each trial on the validation split "
-            "(hopeless trials are pruned), then train the best configuration again and export "
-            "DIR/<name>/<version>/ with trials.csv beside the model."
-        ),
-    )
-    add_common_arguments(parser)
-    parser.add_argument("--strategy", choices=STRATEGIES, required=True, help="grid, random, or bayes (TPE)")
-    parser.add_argument(
-        "--trials", type=int, required=True, help="number of trials (a grid stops when exhausted)"
-    )
-    parser.add_argument(
-        "--seed", type=int, help="override the config's seed (seeds the sampler and every run)"
-    )
-    parser.set_defaults(handler=run_tune)
-
-
-def run_tune(args: argparse.Namespace) -> int:
-    """Handler of `modeltrain tune`; everything is checked before the first trial trains.
-
-    `--epochs` and `--seed` change the base config; a searched parameter (even `optim.epochs`) still
-    takes each trial's value.
-    """
-    from trainer.cli import load_run_config
-
-    if launched_by_torchrun():  # every process would run the whole search and race to export
-        raise ConfigError("modeltrain tune runs in one process; under torchrun use modeltrain fit")
-    check_trials(args.trials)
-    config = load_run_config(args)
-    if args.seed is not None:
-        config = config.with_overrides({"seed": args.seed})
-    tuned = tune_and_export(
-        config,
-        args.output,
-        strategy=args.strategy,
-        n_trials=args.trials,
-        replace=args.replace,
-        progress=not args.no_progress,
-    )
-    sys.stdout.write(f"{tuned.version_dir}\n")
-    return 0

@@ -19,9 +19,15 @@ from app.http.asgi import ClientDisconnected, Receive, Scope, Send, read_body, r
 from app.http.errors import error_parts, reason_for
 from app.http.openapi import JSON_TYPE, Operation
 from app.http.params import parse_version
-from app.model_card import LABEL_INDEX_OUTPUT, PROBABILITIES_OUTPUT, REGRESSION_OUTPUT
+from app.model_card import (
+    LABEL_INDEX_OUTPUT,
+    MASK_INPUT,
+    PROBABILITIES_OUTPUT,
+    REGRESSION_OUTPUT,
+    SEQUENCE_INPUT,
+)
 from app.observability import UNKNOWN_MODEL, PrometheusMetrics
-from app.repository import MASK_INPUT, SEQUENCE_INPUT, LoadedModel
+from app.repository import LoadedModel
 
 ENDPOINT = "/predict"
 _FIELDS = frozenset({"model", "version", "inputs", "top_k"})

@@ -37,8 +37,8 @@ import numpy.typing as npt
 import orjson
 
 from app.errors import InvalidInput, PayloadTooLarge
-from app.model_card import TensorSpec
-from app.repository import MASK_INPUT, SEQUENCE_INPUT, pad_sequences
+from app.model_card import MASK_INPUT, SEQUENCE_INPUT, TensorSpec
+from app.repository import pad_sequences
 from app.scoring import ZeroDivision, parse_zero_division
 from app.threads import BulkExecutor
 

@@ -13,7 +13,7 @@ import pytest
 from app.errors import InvalidInput
 from app.evaluate.readers import Chunk, EvaluationOptions
 from app.evaluate.runner import Tensors, compare_with_training, evaluate
-from app.model_card import Metrics, TensorSpec
+from app.model_card import CardMetrics, TensorSpec
 
 RNG = np.random.default_rng(3)
 W = RNG.normal(size=(3, 4)).astype(np.float32)
@@ -25,7 +25,7 @@ MODEL = SimpleNamespace(
     task="classification",
     labels=["a", "b", "c", "d"],
     inputs=[TensorSpec(name="features", dtype="float32", shape=[-1, 3])],
-    card=SimpleNamespace(metrics=Metrics(test={"accuracy": 0.5, "loss": 1.0, "note": "text"})),
+    card=SimpleNamespace(metrics=CardMetrics(test={"accuracy": 0.5, "loss": 1.0, "note": "text"})),
 )
 
 

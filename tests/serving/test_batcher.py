@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,8 +54,18 @@ class Model:
         return [len(b) for b in self.batches]
 
 
-def rows(n: int, start: float = 0.0) -> dict[str, np.ndarray]:
-    return {"x": (start + np.arange(n, dtype=np.float32)).reshape(n, 1)}
+def rows(n: int, start: float = 0.0, width: int = 1) -> dict[str, np.ndarray]:
+    return {"x": (start + np.arange(n * width, dtype=np.float32)).reshape(n, width)}
+
+
+def stack(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The fake model's collate: its one input stacked along the batch axis."""
+    return {"x": np.concatenate([part["x"] for part in parts])}
+
+
+def row_width(inputs: Mapping[str, np.ndarray]) -> Hashable:
+    """The fake model's batch signature: rows of different widths cannot share a call."""
+    return inputs["x"].shape[1]
 
 
 def run(test: Callable[[Model], Awaitable[Any]]) -> None:
@@ -63,7 +73,13 @@ def run(test: Callable[[Model], Awaitable[Any]]) -> None:
 
 
 def make(model: Model, **kwargs: Any) -> Batcher:
-    options: dict[str, Any] = {"max_batch_rows": 4, "max_delay_seconds": HUGE, "max_queue_rows": 100}
+    options: dict[str, Any] = {
+        "max_batch_rows": 4,
+        "max_delay_seconds": HUGE,
+        "max_queue_rows": 100,
+        "collate": stack,
+        "signature": row_width,
+    }
     options.update(kwargs)
     batcher = Batcher(model, **options)
     batcher.start()
@@ -110,6 +126,27 @@ def test_size_only_flush_and_exact_split() -> None:
         assert model.sizes == [1, 4]
         for result, expected in zip(results, [rows(1, 10), rows(2, 20), rows(1, 30)], strict=True):
             np.testing.assert_array_equal(result["y"], expected["x"] * 2)
+        await batcher.stop()
+
+    run(body)
+
+
+def test_requests_with_different_signatures_never_share_a_batch() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model, max_delay_seconds=0.0)  # whatever waits runs as soon as the model is free
+        model.hold()
+        first = await submit(batcher, rows(1, 100))
+        await model.wait_started()
+        requests = [rows(1, 10), rows(1, 20, width=2), rows(1, 30), rows(1, 40)]
+        waiting = [await submit(batcher, inputs) for inputs in requests]
+        await queued(batcher, 4)
+        model.release()
+        results = await asyncio.wait_for(asyncio.gather(first, *waiting), WAIT)
+        # In arrival order: the wide row ends the first batch and runs alone; the narrow rows after it
+        # share the next one.
+        assert [batch.shape for batch in model.batches] == [(1, 1), (1, 1), (1, 2), (2, 1)]
+        for result, inputs in zip(results[1:], requests, strict=True):
+            np.testing.assert_array_equal(result["y"], inputs["x"] * 2)
         await batcher.stop()
 
     run(body)
@@ -331,6 +368,8 @@ def test_batches_of_background_rows_only_run_in_the_background_executor() -> Non
                 max_batch_rows=4,
                 max_delay_seconds=0.0,
                 max_queue_rows=100,
+                collate=stack,
+                signature=row_width,
                 executor=fg,
                 background_executor=bg,
             )

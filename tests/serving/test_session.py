@@ -13,32 +13,62 @@ from app import session
 from app.settings import Settings
 from tests.factories import tabular_classifier
 
+CPU_ONLY = ["CPUExecutionProvider"]
+WITH_CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+WITH_TENSORRT = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
-def test_automatic_providers_prefer_tensorrt_then_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+
+def build_with(monkeypatch: pytest.MonkeyPatch, available: list[str]) -> None:
+    """Make `resolve_providers` see an onnxruntime build with exactly `available`."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(available))
+
+
+@pytest.mark.parametrize("available", [CPU_ONLY, WITH_CUDA, WITH_TENSORRT], ids=["cpu", "cuda", "tensorrt"])
+def test_automatic_providers_prefer_tensorrt_then_cuda(
+    monkeypatch: pytest.MonkeyPatch, available: list[str]
+) -> None:
+    build_with(monkeypatch, [*available, "AzureExecutionProvider"])  # present, never picked automatically
     assert session.resolve_providers([]) == available
-    monkeypatch.setattr(
-        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    )
-    assert session.resolve_providers([]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def test_requested_providers_this_build_lacks_are_skipped_with_a_warning(
-    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    build_with(monkeypatch, CPU_ONLY)
     with caplog.at_level(logging.WARNING, logger="app.session"):
         chosen = session.resolve_providers(["CUDAExecutionProvider"])
-    assert chosen == ["CPUExecutionProvider"]  # this machine's build is CPU-only
+    assert chosen == CPU_ONLY
     assert "skipped" in caplog.text
 
 
+def test_requested_providers_this_build_has_are_kept_in_order_with_the_cpu_fallback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    build_with(monkeypatch, WITH_TENSORRT)
+    with caplog.at_level(logging.WARNING, logger="app.session"):
+        assert session.resolve_providers(["CUDAExecutionProvider"]) == WITH_CUDA
+        assert session.resolve_providers(["CPUExecutionProvider", "CUDAExecutionProvider"]) == [
+            "CPUExecutionProvider",
+            "CUDAExecutionProvider",
+        ]
+    assert not caplog.records
+
+
+def absent_provider() -> str:
+    """A provider onnxruntime knows but this build lacks (CUDA on a CPU build)."""
+    available = ort.get_available_providers()
+    known = ("CUDAExecutionProvider", "MIGraphXExecutionProvider", "CoreMLExecutionProvider")
+    return next(name for name in known if name not in available)
+
+
 def test_the_session_reports_the_providers_really_in_use() -> None:
-    """A CPU build asked for CUDA only warns (why `resolve_providers` filters first) and runs on CPU."""
+    """A build asked for a provider it lacks only warns (why `resolve_providers` filters first) and runs on
+    the next one."""
+    missing = absent_provider()
     built = tabular_classifier()
-    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
+    with pytest.warns(UserWarning, match=missing):
         created = session.create_session(
-            built.proto.SerializeToString(), Settings(), ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            built.proto.SerializeToString(), Settings(), [missing, "CPUExecutionProvider"]
         )
     assert created.get_providers() == ["CPUExecutionProvider"]
 

@@ -16,7 +16,8 @@ from app.model_card import CARD_FILENAME, ONNX_FILENAME, ModelCard, sha256_of
 from trainer import export as export_module
 from trainer.config import TrainConfig
 from trainer.errors import ExportError
-from trainer.fit import TrainResult, export_model, train_and_evaluate
+from trainer.export import export_model
+from trainer.fit import TrainResult, train_and_evaluate
 
 from .helpers import random_sequences, session, tiny_config, torch_outputs
 

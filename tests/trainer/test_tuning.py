@@ -23,17 +23,8 @@ from app.model_card import CARD_FILENAME, ONNX_FILENAME, ModelCard
 from trainer.cli import main
 from trainer.config import FloatParam, TrainConfig
 from trainer.errors import ConfigError
-from trainer.tuning import (
-    TRIALS_FILENAME,
-    check_trials,
-    float_grid,
-    grid_values,
-    make_objective,
-    make_sampler,
-    resolve_search,
-    run_search,
-    suggest_overrides,
-)
+from trainer.search_space import float_grid, grid_values, resolve_search, suggest_overrides
+from trainer.tuning import TRIALS_FILENAME, check_trials, make_objective, make_sampler, run_search
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 3
