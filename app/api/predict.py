@@ -18,7 +18,8 @@ from app.errors import InvalidInput
 from app.http_errors import error_parts, reason_for
 from app.model_card import LABEL_INDEX_OUTPUT, PROBABILITIES_OUTPUT, REGRESSION_OUTPUT
 from app.observability import UNKNOWN_MODEL, Metrics
-from app.repository import MASK_INPUT, SEQUENCE_INPUT, LoadedModel
+from app.repository import LoadedModel
+from app.validation import MASK_INPUT, SEQUENCE_INPUT
 
 ENDPOINT = "/predict"
 _FIELDS = frozenset({"model", "version", "inputs", "top_k"})

@@ -38,8 +38,8 @@ from app.evaluate.readers import (
     ndjson_chunks,
     npz_chunks,
     parse_json_body,
-    parse_version,
 )
+from app.evaluate.readers.common import parse_version
 from app.evaluate.runner import Tensors, evaluate, flat_scores
 from app.http_errors import error_parts, reason_for
 from app.observability import UNKNOWN_MODEL, Metrics
