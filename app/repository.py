@@ -1,15 +1,14 @@
 """The model repository: find `<name>/<version>/` folders, check each card and its sha256, load the graph.
 
 `LoadedModel` is what the rest of the service sees of one model version: its card, the input and output
-schema read from the graph (not trusted from the card), the providers really in use, input validation
-(names, dtype, shape, finite values) and the way requests of this model are stacked into one batch.
+schema read from the graph (not trusted from the card), the providers really in use, its input validator
+(`app.validation`) and the way requests of this model are stacked into one batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,16 +33,9 @@ from app.model_card import (
 )
 from app.session import create_session, uses_external_data
 from app.settings import Settings
+from app.validation import InputValidator, Places
 
 logger = logging.getLogger(__name__)
-
-_KIND_NAMES = {
-    "U": "text",
-    "S": "text",
-    "O": "null or mixed values",
-    "b": "true/false",
-    "c": "complex numbers",
-}
 
 
 class ModelLoadError(Exception):
@@ -87,12 +79,6 @@ def _ort_spec(node: Any) -> TensorSpec:
     return TensorSpec(name=node.name, dtype=NUMPY_BY_ONNXRUNTIME.get(node.type, node.type), shape=shape)
 
 
-def _shape_text(shape: Sequence[int]) -> str:
-    """`[-1, 4]` → `[N, 4]`; other variable axes show as `*`."""
-    dims = ["N" if i == 0 and d == -1 else ("*" if d == -1 else str(d)) for i, d in enumerate(shape)]
-    return "[" + ", ".join(dims) + "]"
-
-
 class LoadedModel:
     """One model version ready to run.
 
@@ -106,19 +92,13 @@ class LoadedModel:
         load_seconds: time to load and warm up.
     """
 
-    def __init__(self, card: ModelCard, session: ort.InferenceSession, directory: Path) -> None:
+    def __init__(self, card: ModelCard, session: ort.InferenceSession) -> None:
         """Wrap a session; raises `ModelLoadError` when the graph breaks the card's conventions."""
         self.card = card
         self.name = card.name
         self.version = card.version
-        self.directory = directory
         self.session = session
         self.inputs = [_ort_spec(node) for node in session.get_inputs()]
-        # Symbolic axis names (e.g. "batch", "T"): inputs that share one must agree on its length.
-        self._axis_names = {
-            node.name: [d if isinstance(d, str) else None for d in node.shape]
-            for node in session.get_inputs()
-        }
         self.outputs = [_ort_spec(node) for node in session.get_outputs()]
         self.providers: list[str] = list(session.get_providers())
         self.load_seconds = 0.0
@@ -126,10 +106,16 @@ class LoadedModel:
         self.output_names = [spec.name for spec in self.outputs]
         self._specs = {spec.name: spec for spec in self.inputs}
         self._check_conventions()  # before anything below relies on the dtypes being numpy ones
-        self._dtypes = {spec.name: np.dtype(spec.dtype) for spec in self.inputs}
-        self.pads_sequences = {SEQUENCE_INPUT, MASK_INPUT} == set(self.input_names) and len(
-            self._specs[SEQUENCE_INPUT].shape
-        ) == 3
+        self.validator = InputValidator(
+            self.inputs,
+            model_name=self.name,
+            # symbolic axis names (e.g. "batch", "T"): inputs that share one must agree on its length
+            axis_names={
+                node.name: [d if isinstance(d, str) else None for d in node.shape]
+                for node in session.get_inputs()
+            },
+        )
+        self.pads_sequences = self.validator.pads_sequences
         self.batchable = all(spec.shape and spec.shape[0] == -1 for spec in self.inputs)
 
     @property
@@ -168,120 +154,21 @@ class LoadedModel:
             raise ModelLoadError(f"a regressor must output {REGRESSION_OUTPUT!r}; it has {sorted(outputs)}")
 
     # ------------------------------------------------------------------------------------------ validation
-    def where(self, name: str) -> str:
-        """How an error message names an input: `inputs` for one-input models, `inputs.<name>` otherwise."""
-        return "inputs" if len(self.inputs) == 1 else f"inputs.{name}"
-
-    def validate_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Check and convert request data to exactly what the graph takes.
+    def validate_inputs(
+        self, inputs: Mapping[str, Any], places: Places | None = None
+    ) -> dict[str, np.ndarray]:
+        """Check and convert input values to exactly what the graph takes (see `InputValidator.validate`).
 
         Args:
             inputs: one entry per graph input: nested lists or numpy arrays, batch axis first. An image input
                 also takes flattened pixels `[N, C*H*W]`.
-
-        Returns:
-            Contiguous arrays of the graph's dtypes and shapes, all with the same number of rows.
+            places: how error messages name inputs and values (default: as in a request, `inputs[3][1]`).
 
         Raises:
-            InvalidInput: a missing or unknown input name, values that are not numbers, a wrong shape, no
-                rows, rows that disagree between inputs, or NaN/Inf; the message says where.
+            InvalidInput: a missing or unknown input name, a value that is not valid for the input's dtype,
+                a wrong shape, no rows, rows that disagree between inputs; the message says where.
         """
-        unknown = sorted(set(inputs) - set(self._specs))
-        if unknown:
-            raise InvalidInput(
-                f"inputs: unknown input name(s) {unknown}; model {self.name!r} takes {self.input_names}"
-            )
-        missing = [name for name in self.input_names if name not in inputs]
-        if missing:
-            raise InvalidInput(
-                f"inputs: missing input(s) {missing}; model {self.name!r} takes {self.input_names}"
-            )
-        arrays: dict[str, np.ndarray] = {}
-        rows: int | None = None
-        for spec in self.inputs:
-            array = self._fit_shape(self._to_array(inputs[spec.name], spec), spec)
-            if array.shape[0] == 0:
-                raise InvalidInput(f"{self.where(spec.name)}: empty; send at least one row")
-            if rows is not None and array.shape[0] != rows:
-                raise InvalidInput(
-                    f"{self.where(spec.name)}: has {array.shape[0]} rows but "
-                    f"{self.where(self.input_names[0])} has {rows}; every input needs one entry per row"
-                )
-            rows = array.shape[0]
-            arrays[spec.name] = array
-        self._check_shared_axes(arrays)
-        return arrays
-
-    def _check_shared_axes(self, arrays: Mapping[str, np.ndarray]) -> None:
-        seen: dict[str, tuple[str, int, int]] = {}
-        for name, array in arrays.items():
-            axis_names = self._axis_names[name]
-            if len(axis_names) != array.ndim:
-                continue  # reshaped image input: its axes are all fixed
-            for axis, axis_name in enumerate(axis_names):
-                if axis_name is None or axis == 0:
-                    continue
-                size = array.shape[axis]
-                first = seen.setdefault(axis_name, (name, axis, size))
-                if first[2] != size:
-                    raise InvalidInput(
-                        f"{self.where(name)}: axis {axis} has length {size} but axis {first[1]} of "
-                        f"{self.where(first[0])} has {first[2]}; they must match"
-                    )
-        if self.pads_sequences:
-            sequence, mask = arrays[SEQUENCE_INPUT], arrays[MASK_INPUT]
-            if sequence.shape[:2] != mask.shape:
-                raise InvalidInput(
-                    f"inputs.{MASK_INPUT}: shape {list(mask.shape)} does not match the first two axes of "
-                    f"inputs.{SEQUENCE_INPUT} {list(sequence.shape[:2])}"
-                )
-
-    def _to_array(self, value: Any, spec: TensorSpec) -> np.ndarray:
-        where = self.where(spec.name)
-        target = self._dtypes[spec.name]
-        try:
-            array = value if isinstance(value, np.ndarray) else np.asarray(value)
-        except (ValueError, TypeError) as err:
-            raise InvalidInput(
-                f"{where}: not a rectangular array; every row needs the same shape {_shape_text(spec.shape)}"
-            ) from err
-        kind = array.dtype.kind
-        if target.kind == "b":
-            ok = kind == "b" or (kind in "iu" and bool(np.isin(array, (0, 1)).all()))
-        elif target.kind in "iu":
-            ok = kind in "iu"
-        else:
-            ok = kind in "iuf"
-        if not ok:
-            raise InvalidInput(
-                f"{where}: expected {spec.dtype} values, got {_KIND_NAMES.get(kind, array.dtype.name)}"
-                + _first_bad_value(value, where)
-            )
-        if target.kind == "f" and kind == "f" and not np.isfinite(array).all():
-            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
-            raise InvalidInput(f"{where}{''.join(f'[{i}]' for i in bad)}: NaN or Inf is not a valid input")
-        if array.dtype != target:
-            array = array.astype(target)
-        return np.ascontiguousarray(array)
-
-    def _fit_shape(self, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
-        expected = spec.shape
-        got = list(array.shape)
-        if len(got) == len(expected) and all(e in (-1, g) for e, g in zip(expected, got, strict=True)):
-            return array
-        fixed = expected[1:]
-        if len(expected) >= 3 and -1 not in fixed and len(got) == 2 and got[1] == math.prod(fixed):
-            # An image model also takes flattened pixels, one row per image.
-            return array.reshape([got[0], *fixed])
-        hint = ""
-        if len(got) == len(expected) - 1 and got and got[0] != 0:
-            hint = "; one example still needs the batch axis: wrap it in a list"
-        elif len(expected) == 2 and len(got) == 2:
-            hint = f" (rows of {got[1]} values where the model takes {expected[1]})"
-        wanted = _shape_text(expected)
-        if len(expected) >= 3 and -1 not in fixed:
-            wanted += f" (or [N, {math.prod(fixed)}] flattened)"
-        raise InvalidInput(f"{self.where(spec.name)}: expected shape {wanted}, got {got}{hint}")
+        return self.validator.validate(inputs, places)
 
     @property
     def sequence_channels(self) -> int:
@@ -320,7 +207,7 @@ class LoadedModel:
             sample = {}
             for spec in self.inputs:
                 shape = [n, *(1 if d == -1 else d for d in spec.shape[1:])]
-                dtype = self._dtypes[spec.name]
+                dtype = np.dtype(spec.dtype)
                 sample[spec.name] = np.ones(shape, dtype) if dtype.kind == "b" else np.zeros(shape, dtype)
             self.run(sample)
 
@@ -392,18 +279,6 @@ def _pad_steps(part: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndar
     }
 
 
-def _first_bad_value(value: Any, where: str) -> str:
-    """`; inputs[1][2] is 'abc'`: the first non-number in nested lists (error path only)."""
-    stack: list[tuple[str, Any]] = [(where, value)]
-    while stack:
-        path, item = stack.pop()
-        if isinstance(item, list | tuple):
-            stack.extend((f"{path}[{i}]", sub) for i, sub in reversed(list(enumerate(item))))
-        elif isinstance(item, bool) or not isinstance(item, int | float):
-            return f"; {path} is {item!r}"
-    return ""
-
-
 def load_model(source: ModelSource, settings: Settings, providers: Sequence[str]) -> LoadedModel:
     """Read, verify and load one model version, then warm it up (blocking).
 
@@ -449,7 +324,7 @@ def load_model(source: ModelSource, settings: Settings, providers: Sequence[str]
         session = create_session(model_bytes, settings, providers)
     except Exception as err:  # onnxruntime raises several unrelated types
         raise ModelLoadError(f"onnxruntime cannot load the graph: {err}") from err
-    model = LoadedModel(card, session, source.directory)
+    model = LoadedModel(card, session)
     try:
         model.warm_up(sorted({1, settings.max_batch_rows}))
     except Exception as err:

@@ -306,7 +306,6 @@ class ClassificationAccumulator:
     pos_label: int | None = None
     confusion: IntArray = field(init=False)
     top_k_hits: int = 0
-    log_loss_total: float = 0.0
     _log_loss_parts: list[float] = field(default_factory=list)
     probability_rows: int = 0
     roc: BinaryRocCounts | None = field(init=False)

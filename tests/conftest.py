@@ -3,7 +3,7 @@
 * `model_repository`: a read-only model repository of tiny real ONNX models (see `tests/factories.py`):
   `clf` (3-class classifier, versions 1 and 2), `reg` (regressor), `multi` (inputs `a` and `b`),
   `img` (image classifier [N, 1, 4, 4]), `seq` (sequence classifier with `sequence` + `mask`).
-  Copy it (`shutil.copytree`) before changing anything in it.
+  Copy it (`tests.factories.copy_repository`) before changing anything in it.
 * `settings`: `Settings` serving that repository (small batch delay, no API key).
 * `app` / `client`: the app from the factory, and a `TestClient` with the lifespan run (models loaded).
 * `live_server`: a real uvicorn on a free port serving the repository; yields the base URL.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import shutil
 import socket
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+import orjson
 from onnx import TensorProto, helper, numpy_helper
 
 from app.model_card import (
@@ -161,6 +164,25 @@ def image_classifier(channels: int = 1, size: int = 4, n_classes: int = 3, seed:
     return BuiltModel(_finish(graph), "classification", "image", _specs(inputs), _specs(outputs), labels)
 
 
+def integer_classifier(
+    n_features: int = 3, labels: Sequence[str] = ("low", "high"), seed: int = 5
+) -> BuiltModel:
+    """`counts` [N, F] int64 → cast to float → linear → softmax: a model whose input takes integers."""
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(size=(n_features, len(labels))).astype(np.float32)
+    nodes = [
+        helper.make_node("Cast", ["counts"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["x", "W"], ["logits"]),
+    ]
+    _classifier_head("logits", nodes)
+    inputs = [helper.make_tensor_value_info("counts", TensorProto.INT64, ["N", n_features])]
+    outputs = _classifier_outputs(len(labels))
+    graph = helper.make_graph(nodes, "integers", inputs, outputs, [_const("W", weights)])
+    return BuiltModel(
+        _finish(graph), "classification", "tabular", _specs(inputs), _specs(outputs), list(labels)
+    )
+
+
 def sequence_classifier(channels: int = 2, n_classes: int = 2, seed: int = 4) -> BuiltModel:
     """`sequence` [N, T, K] + `mask` [N, T] → masked mean over steps → linear → softmax.
 
@@ -244,6 +266,27 @@ def build_repository(root: Path) -> Path:
     return root
 
 
+def copy_model(source: Path, name: str, destination: Path, new_name: str | None = None) -> None:
+    """Copy every version of model `name` of repository `source` into repository `destination`, under
+    `new_name` if given (its cards then say that name)."""
+    target = destination / (new_name or name)
+    shutil.copytree(source / name, target)
+    if new_name is not None:
+        for card in target.glob(f"*/{CARD_FILENAME}"):
+            card.write_text(card.read_text().replace(f'"name": "{name}"', f'"name": "{new_name}"'))
+
+
+def copy_repository(source: Path, destination: Path, names: Sequence[str] | None = None) -> Path:
+    """A writable copy of repository `source` (every model, or only `names`) at `destination`; returns it.
+
+    The session's `model_repository` is shared: a test that adds or changes models works on a copy.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in names if names is not None else sorted(p.name for p in source.iterdir() if p.is_dir()):
+        copy_model(source, name, destination)
+    return destination
+
+
 @functools.cache
 def _reference_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -256,6 +299,36 @@ def reference_outputs(
     session = _reference_session(root / name / str(version) / ONNX_FILENAME)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, inputs), strict=True))
+
+
+# ------------------------------------------------------------------------------------ /evaluate bodies
+def csv_body(
+    rows: Any, labels: Sequence[Any], label_column: str = "label", *, label_first: bool = False
+) -> bytes:
+    """A labelled CSV: header `f0,f1,...` and the label column (last, or first), one line per row."""
+    x = np.asarray(rows)
+    names = [f"f{j}" for j in range(x.shape[1])]
+    header = [label_column, *names] if label_first else [*names, label_column]
+    lines = [",".join(header)]
+    for row, label in zip(x.tolist(), labels, strict=True):
+        values = [repr(v) if isinstance(v, float) else str(v) for v in row]
+        lines.append(",".join([str(label), *values] if label_first else [*values, str(label)]))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def ndjson_body(rows: Sequence[Any], labels: Sequence[Any]) -> bytes:
+    """One `{"input": row, "label": label}` per line (rows as lists, or arrays)."""
+    return b"\n".join(
+        orjson.dumps({"input": row, "label": label}, option=orjson.OPT_SERIALIZE_NUMPY)
+        for row, label in zip(rows, labels, strict=True)
+    )
+
+
+def npz_body(**arrays: Any) -> bytes:
+    """An NPZ archive of the arrays, as `numpy.savez` writes it."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------------- live server

@@ -250,8 +250,8 @@ def _local(args: argparse.Namespace, fmt: str, console: Console) -> dict[str, An
     model = _load_local_model(args)
     schema = Schema.of(model)
 
-    async def infer(inputs: Tensors) -> Tensors:
-        outputs: Tensors = await asyncio.to_thread(model.run, model.validate_inputs(inputs))
+    async def infer(inputs: Tensors) -> Tensors:  # validated by the runner
+        outputs: Tensors = await asyncio.to_thread(model.run, inputs)
         return outputs
 
     async def score(progress: Progress, task: Any) -> dict[str, Any]:

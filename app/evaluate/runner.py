@@ -1,7 +1,9 @@
 """The evaluation loop: chunks of rows → the model → mergeable counts → the report.
 
 Protocol-free: the HTTP route passes `DataPlane.infer(..., background=True)` (the same batcher as
-`/predict`, yielding to its rows), the CLI's local mode a direct onnxruntime call. Only the counts of
+`/predict`, yielding to its rows), the CLI's local mode a direct onnxruntime call. The inputs of each
+chunk go through the model's input validator first (the rules of `/predict`, rows named from the start
+of the set), so ``infer`` gets arrays of the graph's dtypes and shapes. Only the counts of
 `app.scoring` outlive a chunk, and at most ``max_inflight_chunks`` chunks are held at once (one being
 parsed while the previous one is in the model), so memory does not grow with the number of rows.
 """
@@ -9,23 +11,51 @@ parsed while the previous one is in the model), so memory does not grow with the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from app.errors import InvalidInput
-from app.evaluate.readers import Chunk, EvaluationOptions, RowCount, Schema, rows_of
-from app.model_card import LABEL_INDEX_OUTPUT, PROBABILITIES_OUTPUT, REGRESSION_OUTPUT
+from app.evaluate.readers.common import Chunk, EvaluationOptions, RowCount, Schema, SchemaSource, rows_of
+from app.model_card import LABEL_INDEX_OUTPUT, PROBABILITIES_OUTPUT, REGRESSION_OUTPUT, ModelCard
 from app.scoring import ClassificationAccumulator, RegressionAccumulator, default_top_k
+from app.validation import Places, RowPlaces
 
 Tensors = dict[str, npt.NDArray[Any]]
 InferFn = Callable[[Tensors], Awaitable[Tensors]]
 ProgressFn = Callable[[int], None]
 PauseFn = Callable[[], Awaitable[None]]
+
+
+class EvaluatedModel(SchemaSource, Protocol):
+    """What the runner reads of a model (a `LoadedModel` has it all)."""
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        ...
+
+    @property
+    def version(self) -> int:
+        """The model's version."""
+        ...
+
+    @property
+    def card(self) -> ModelCard:
+        """Its card, whose test metrics the report sets beside the new ones."""
+        ...
+
+    def validate_inputs(
+        self, inputs: Mapping[str, Any], places: Places | None = None
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Check and convert a chunk's inputs (see `LoadedModel.validate_inputs`)."""
+        ...
+
 
 # Card metric names → the report's, for the "difference" block. A classifier's recorded loss is the test
 # cross-entropy, i.e. log loss; a regressor's is MSE on the standardized target, which has no counterpart in
@@ -96,7 +126,7 @@ class Evaluation:
 
     def __init__(
         self,
-        model: Any,
+        model: EvaluatedModel,
         options: EvaluationOptions,
         infer: InferFn,
         *,
@@ -106,12 +136,13 @@ class Evaluation:
         progress: ProgressFn | None = None,
         pause: PauseFn | None = None,
     ) -> None:
-        """Prepare the accumulators for ``model`` (a `LoadedModel` or anything with its attributes).
+        """Prepare the accumulators for ``model``.
 
         Args:
-            model: the model; its ``task``, ``labels``, ``inputs`` and ``card`` are read.
+            model: the model: its inputs validate each chunk (errors name the rows of the whole set).
             options: zero_division, top_k, pos_label.
-            infer: runs the model on a dict of input arrays and returns its outputs for those rows.
+            infer: runs the model on a dict of validated input arrays and returns its outputs for those
+                rows.
             piece_rows: rows per ``infer`` call (at most the batcher's batch size, so a long evaluation
                 never occupies the model for longer than one batch while `/predict` waits); a number or
                 a function asked for each chunk.
@@ -207,6 +238,7 @@ class Evaluation:
                     chunk = await anext(iterator)
                 except StopAsyncIteration:
                     break
+                chunk = self._validated(chunk)
                 inflight.append((chunk, asyncio.ensure_future(self._infer_chunk(chunk))))
                 while len(inflight) >= self.max_inflight_chunks:
                     scored += await self._settle(inflight)
@@ -217,6 +249,11 @@ class Evaluation:
         finally:
             for _, future in inflight:
                 future.cancel()
+
+    def _validated(self, chunk: Chunk) -> Chunk:
+        """The chunk with its inputs checked and converted by the model's validator (the core's rules)."""
+        inputs = self.model.validate_inputs(chunk.inputs, RowPlaces(chunk.first_row, chunk.rows))
+        return dataclasses.replace(chunk, inputs=inputs)
 
     async def _settle(self, inflight: deque[tuple[Chunk, asyncio.Future[Tensors]]]) -> int:
         chunk, future = inflight[0]
@@ -241,14 +278,12 @@ class Evaluation:
             "task": self.schema.task,
             **scores,
         }
-        card = getattr(self.model, "card", None)
-        test_metrics = card.metrics.test if card is not None else {}
-        compare_with_training(report, dict(test_metrics), self.schema.task)
+        compare_with_training(report, dict(self.model.card.metrics.test), self.schema.task)
         return report
 
 
 async def evaluate(
-    model: Any,
+    model: EvaluatedModel,
     chunks: AsyncIterator[Chunk],
     infer: InferFn,
     options: EvaluationOptions,

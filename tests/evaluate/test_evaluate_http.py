@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import orjson
@@ -16,7 +13,16 @@ from sklearn import metrics as skm
 
 from app.main import create_app
 from app.settings import Settings
-from tests.factories import CLASSIFIER_LABELS, reference_outputs, tabular_classifier, write_model
+from tests.factories import (
+    CLASSIFIER_LABELS,
+    copy_repository,
+    csv_body,
+    ndjson_body,
+    npz_body,
+    reference_outputs,
+    tabular_classifier,
+    write_model,
+)
 
 LABELS = list(CLASSIFIER_LABELS)
 RNG = np.random.default_rng(7)
@@ -28,8 +34,7 @@ Y_NAMES = [LABELS[i] for i in Y]
 @pytest.fixture(scope="module")
 def repo(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared fixture repository plus a two-class model `bin` (for ROC AUC)."""
-    root = tmp_path_factory.mktemp("eval-models") / "models"
-    shutil.copytree(model_repository, root)
+    root = copy_repository(model_repository, tmp_path_factory.mktemp("eval-models") / "models")
     write_model(root, "bin", 1, tabular_classifier(labels=("neg", "pos"), seed=5))
     return root
 
@@ -47,24 +52,6 @@ def client(repo: Path) -> Iterator[TestClient]:
 def oracle(repo: Path, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
     """The served (highest) version's outputs from a direct onnxruntime call."""
     return reference_outputs(repo, name, 2 if name == "clf" else 1, {"features": x})
-
-
-def csv_body(x: np.ndarray, labels: list[Any], label_column: str = "label") -> bytes:
-    header = ",".join([f"f{j}" for j in range(x.shape[1])] + [label_column])
-    rows = [",".join([*(repr(float(v)) for v in row), str(y)]) for row, y in zip(x, labels, strict=True)]
-    return ("\n".join([header, *rows]) + "\n").encode()
-
-
-def ndjson_body(x: np.ndarray, labels: list[Any]) -> bytes:
-    return b"\n".join(
-        orjson.dumps({"input": row.tolist(), "label": y}) for row, y in zip(x, labels, strict=True)
-    )
-
-
-def npz_body(**arrays: Any) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 def close(a: float, b: float, tol: float = 1e-12) -> bool:

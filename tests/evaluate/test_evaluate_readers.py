@@ -1,8 +1,13 @@
-"""Readers: every format gives the same chunks; bad input names the row."""
+"""Readers: every format gives the same chunks; bad input names the row.
+
+`collect` checks each chunk's inputs with the core validator as the runner does, so the messages here are
+the ones `/evaluate` answers.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,6 +27,8 @@ from app.evaluate.readers import (
     parse_json_body,
 )
 from app.model_card import TensorSpec
+from app.validation import InputValidator, RowPlaces
+from tests.factories import csv_body, ndjson_body, npz_body
 
 LABELS = ("cat", "dog", "eel")
 CLF = Schema("classification", LABELS, (TensorSpec(name="features", dtype="float32", shape=[-1, 3]),))
@@ -34,9 +41,17 @@ async def _stream(data: bytes, piece: int = 7) -> AsyncIterator[bytes]:
         yield data[start : start + piece]
 
 
-def collect(gen: AsyncIterator[Chunk]) -> list[Chunk]:
+def collect(gen: AsyncIterator[Chunk], schema: Schema) -> list[Chunk]:
+    """Every chunk, its inputs validated as the runner validates them."""
+    validator = InputValidator(schema.inputs)
+
     async def run() -> list[Chunk]:
-        return [chunk async for chunk in gen]
+        return [
+            dataclasses.replace(
+                chunk, inputs=validator.validate(chunk.inputs, RowPlaces(chunk.first_row, chunk.rows))
+            )
+            async for chunk in gen
+        ]
 
     return asyncio.run(run())
 
@@ -52,25 +67,7 @@ Y_INDEX = np.array([LABELS.index(y) for y in Y_NAMES])
 
 
 def csv_bytes(label_first: bool = False, labels: list[Any] = Y_NAMES) -> bytes:
-    lines = ["label,a,b,c" if label_first else "a,b,c,label"]
-    for row, y in zip(X, labels, strict=True):
-        values = ",".join(repr(float(v)) for v in row)
-        lines.append(f"{y},{values}" if label_first else f"{values},{y}")
-    return ("\n".join(lines) + "\n").encode()
-
-
-def ndjson_bytes(labels: list[Any] = Y_NAMES) -> bytes:
-    import orjson
-
-    return b"\n".join(
-        orjson.dumps({"input": row.tolist(), "label": y}) for row, y in zip(X, labels, strict=True)
-    )
-
-
-def npz_bytes(**arrays: Any) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+    return csv_body(X, labels, label_first=label_first)
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, 100])
@@ -79,12 +76,12 @@ def test_all_formats_agree(chunk_rows: int) -> None:
         __import__("orjson").dumps({"model": "m", "inputs": X.tolist(), "labels": Y_NAMES})
     )
     results = [
-        collect(json_chunks(request, CLF, chunk_rows)),
-        collect(ndjson_chunks(_stream(ndjson_bytes()), CLF, chunk_rows)),
-        collect(csv_chunks(_stream(csv_bytes()), CLF, "label", chunk_rows)),
-        collect(csv_chunks(_stream(csv_bytes(label_first=True)), CLF, None, chunk_rows)),
-        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=np.array(Y_NAMES))), CLF, chunk_rows)),
-        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=Y_INDEX)), CLF, chunk_rows)),
+        collect(json_chunks(request, CLF, chunk_rows), CLF),
+        collect(ndjson_chunks(_stream(ndjson_body(X, Y_NAMES)), CLF, chunk_rows), CLF),
+        collect(csv_chunks(_stream(csv_bytes()), CLF, "label", chunk_rows), CLF),
+        collect(csv_chunks(_stream(csv_bytes(label_first=True)), CLF, None, chunk_rows), CLF),
+        collect(npz_chunks(_stream(npz_body(inputs=X, labels=np.array(Y_NAMES))), CLF, chunk_rows), CLF),
+        collect(npz_chunks(_stream(npz_body(inputs=X, labels=Y_INDEX)), CLF, chunk_rows), CLF),
     ]
     for chunks in results:
         x, y = joined(chunks)
@@ -95,17 +92,17 @@ def test_all_formats_agree(chunk_rows: int) -> None:
 
 def test_indices_and_quoted_csv_and_crlf() -> None:
     data = csv_bytes(labels=[str(i) for i in Y_INDEX]).replace(b"\n", b"\r\n")
-    x, y = joined(collect(csv_chunks(_stream(data), CLF)))
+    x, y = joined(collect(csv_chunks(_stream(data), CLF), CLF))
     np.testing.assert_array_equal(y, Y_INDEX)
     quoted = b'"a","b","c","label"\n"1.0",2,3,"dog"\n'
-    x, y = joined(collect(csv_chunks(_stream(quoted), CLF)))
+    x, y = joined(collect(csv_chunks(_stream(quoted), CLF), CLF))
     assert y.tolist() == [1]
     assert x.tolist() == [[1.0, 2.0, 3.0]]
 
 
 def test_json_indices_and_multi_chunk_kind_state() -> None:
     request = parse_json_body(b'{"model": "m", "inputs": [[1,2,3],[4,5,6]], "labels": [2, 0]}')
-    _, y = joined(collect(json_chunks(request, CLF, 1)))
+    _, y = joined(collect(json_chunks(request, CLF, 1), CLF))
     assert y.tolist() == [2, 0]
 
 
@@ -114,18 +111,18 @@ def test_image_rows_may_be_flat() -> None:
         b'{"model": "m", "inputs": [[1,2,3,4],[[[5,6],[7,8]]]], "labels": ["cat", "eel"]}'
     )
     with pytest.raises(InvalidInput, match="row 2"):
-        collect(json_chunks(request, IMG, 10))
+        collect(json_chunks(request, IMG, 10), IMG)
     request = parse_json_body(b'{"model": "m", "inputs": [[1,2,3,4],[5,6,7,8]], "labels": ["cat", "eel"]}')
-    (chunk,) = collect(json_chunks(request, IMG, 10))
+    (chunk,) = collect(json_chunks(request, IMG, 10), IMG)
     assert chunk.inputs["image"].shape == (2, 1, 2, 2)
 
 
 def test_regression_targets() -> None:
     data = b"a,b,c,y\n1,2,3,0.5\n4,5,6,-2\n"
-    (chunk,) = collect(csv_chunks(_stream(data), REG, "y"))
+    (chunk,) = collect(csv_chunks(_stream(data), REG, "y"), REG)
     assert chunk.targets.tolist() == [0.5, -2.0]
     with pytest.raises(InvalidInput, match="row 2: label 'x' is not a number"):
-        collect(csv_chunks(_stream(b"a,b,c,y\n1,2,3,0.5\n4,5,6,x\n"), REG, "y"))
+        collect(csv_chunks(_stream(b"a,b,c,y\n1,2,3,0.5\n4,5,6,x\n"), REG, "y"), REG)
 
 
 BAD_CASES = [
@@ -151,11 +148,15 @@ BAD_CASES = [
         r"different lengths \(2 vs 1\): row 2 has no label",
     ),
     ("json", b'{"model": "m", "inputs": [], "labels": []}', r"empty"),
-    ("json", b'{"model": "m", "inputs": [[1,2,3],[1,2]], "labels": [0, 1]}', r"row 2: .*shape \[2\]"),
+    (
+        "json",
+        b'{"model": "m", "inputs": [[1,2,3],[1,2]], "labels": [0, 1]}',
+        r"row 2: input 'features': expected shape \[N, 3\], got \[1, 2\] \(rows of 2 values",
+    ),
     (
         "json",
         b'{"model": "m", "inputs": [[1,2,3],[1,"x",3]], "labels": [0, 1]}',
-        r"row 2: input 'features' is not an array",
+        r"row 2: input 'features'\[1\]: 'x' is not a number",
     ),
     (
         "json",
@@ -185,9 +186,9 @@ BAD_CASES = [
     (
         "csv",
         b"a,b,c,label\n1,2,3,cat\n1,nan,3,cat\n",
-        r"row 2: input 'features' has a value that is not finite",
+        r"row 2: input 'features'\[1\]: NaN or Inf is not a valid input",
     ),
-    ("csv", b"a,b,label\n1,2,cat\n", r"row 1: input 'features' has shape \[2\]"),
+    ("csv", b"a,b,label\n1,2,cat\n", r"row 1: input 'features': expected shape \[N, 3\], got \[1, 2\]"),
 ]
 
 
@@ -199,31 +200,31 @@ def test_bad_input_names_the_row(fmt: str, body: bytes, pattern: str) -> None:
 
 def read_all(fmt: str, body: bytes) -> list[Chunk]:
     if fmt == "json":
-        return collect(json_chunks(parse_json_body(body), CLF, 1))
+        return collect(json_chunks(parse_json_body(body), CLF, 1), CLF)
     if fmt == "ndjson":
-        return collect(ndjson_chunks(_stream(body), CLF, 1))
-    return collect(csv_chunks(_stream(body), CLF, None, 2))
+        return collect(ndjson_chunks(_stream(body), CLF, 1), CLF)
+    return collect(csv_chunks(_stream(body), CLF, None, 2), CLF)
 
 
 def test_npz_bad_input() -> None:
     with pytest.raises(InvalidInput, match=r"different lengths \(7 vs 6\): row 7 has no label"):
-        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=Y_INDEX[:6])), CLF))
+        collect(npz_chunks(_stream(npz_body(inputs=X, labels=Y_INDEX[:6])), CLF), CLF)
     with pytest.raises(InvalidInput, match="no 'labels' array"):
-        collect(npz_chunks(_stream(npz_bytes(inputs=X)), CLF))
+        collect(npz_chunks(_stream(npz_body(inputs=X)), CLF), CLF)
     with pytest.raises(InvalidInput, match="not an NPZ archive"):
-        collect(npz_chunks(_stream(b"not a zip"), CLF))
+        collect(npz_chunks(_stream(b"not a zip"), CLF), CLF)
     with pytest.raises(InvalidInput, match="row 3: label 7 is not among"):
-        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=np.array([0, 1, 7, 0, 0, 0, 0]))), CLF, 2))
+        collect(npz_chunks(_stream(npz_body(inputs=X, labels=np.array([0, 1, 7, 0, 0, 0, 0]))), CLF, 2), CLF)
     with pytest.raises(InvalidInput, match="empty"):
-        collect(npz_chunks(_stream(b""), CLF))
+        collect(npz_chunks(_stream(b""), CLF), CLF)
     with pytest.raises(InvalidInput, match="object array"):
-        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=np.array(Y_NAMES, dtype=object))), CLF))
+        collect(npz_chunks(_stream(npz_body(inputs=X, labels=np.array(Y_NAMES, dtype=object))), CLF), CLF)
 
 
 def test_npz_compressed_and_fortran_order_and_spooled() -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, inputs=np.asfortranarray(X), labels=Y_INDEX)
-    x, y = joined(collect(npz_chunks(_stream(buffer.getvalue(), 1000), CLF, 2, spool_memory_bytes=10)))
+    x, y = joined(collect(npz_chunks(_stream(buffer.getvalue(), 1000), CLF, 2, spool_memory_bytes=10), CLF))
     np.testing.assert_array_equal(x, X)
     np.testing.assert_array_equal(y, Y_INDEX)
 
@@ -252,24 +253,24 @@ def test_json_inputs_by_name_for_multi_input_models() -> None:
     request = parse_json_body(
         b'{"model": "m", "inputs": {"a": [[1,2],[3,4]], "b": [[5],[6]]}, "labels": [1, 2.5]}'
     )
-    (chunk,) = collect(json_chunks(request, schema, 10))
+    (chunk,) = collect(json_chunks(request, schema, 10), schema)
     assert chunk.inputs["a"].tolist() == [[1, 2], [3, 4]]
     assert chunk.targets.tolist() == [1.0, 2.5]
     bad = parse_json_body(b'{"model": "m", "inputs": {"a": [[1,2],[3,4]], "b": [[5]]}, "labels": [1, 2]}')
     with pytest.raises(InvalidInput, match="different numbers of rows"):
-        collect(json_chunks(bad, schema, 10))
+        collect(json_chunks(bad, schema, 10), schema)
     rows = parse_json_body(
         b'{"model": "m", "inputs": [{"a": [1,2], "b": [5]}, {"a": [1,2]}], "labels": [1, 2]}'
     )
     with pytest.raises(InvalidInput, match="row 2: input 'b' is missing"):
-        collect(json_chunks(rows, schema, 10))
+        collect(json_chunks(rows, schema, 10), schema)
 
 
 def test_npz_spool_that_does_not_fit_is_413(monkeypatch: pytest.MonkeyPatch) -> None:
     from app.errors import PayloadTooLarge
 
     with pytest.raises(PayloadTooLarge, match="larger than 100 bytes"):
-        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=Y_INDEX), 50), CLF, max_bytes=100))
+        collect(npz_chunks(_stream(npz_body(inputs=X, labels=Y_INDEX), 50), CLF, max_bytes=100), CLF)
 
     class Full(io.BytesIO):
         def write(self, data: Any) -> int:
@@ -280,12 +281,12 @@ def test_npz_spool_that_does_not_fit_is_413(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr("tempfile.SpooledTemporaryFile", lambda **_: Full())
     with pytest.raises(PayloadTooLarge, match="temporary storage"):
-        collect(npz_chunks(_stream(npz_bytes(inputs=X, labels=Y_INDEX)), CLF))
+        collect(npz_chunks(_stream(npz_body(inputs=X, labels=Y_INDEX)), CLF), CLF)
 
 
 @pytest.mark.parametrize("label_first", [False, True])
 def test_csv_numbers_parsed_off_the_loop_equal_loadtxt(label_first: bool) -> None:
-    from app.evaluate.readers import _csv_parse, _csv_parse_off_loop, _CsvLayout
+    from app.evaluate.readers.csv_reader import _csv_parse, _csv_parse_off_loop, _CsvLayout
 
     rng = np.random.default_rng(3)
     values = (rng.normal(size=(300, 3)) * 10.0 ** rng.integers(-6, 6, size=(300, 3))).tolist()
@@ -298,7 +299,7 @@ def test_csv_numbers_parsed_off_the_loop_equal_loadtxt(label_first: bool) -> Non
     layout = _CsvLayout(names, names.index("label"), [i for i in range(4) if names[i] != "label"])
     fast, labels = asyncio.run(_csv_parse_off_loop(lines, layout, 1))
     slow, slow_labels = _csv_parse(lines, layout, 1)
-    assert fast.dtype == np.float32
+    assert fast.dtype == np.float64
     assert fast.tobytes() == slow.tobytes()
     assert labels == slow_labels == ["dog"] * 300
 
@@ -309,10 +310,16 @@ def test_csv_numbers_parsed_off_the_loop_equal_loadtxt(label_first: bool) -> Non
         (b"a,b,c,label\n1,2,3,cat\n1,,3,cat\n", "row 2: column 'b': '' is not a number"),
         (b"a,b,c,label\n1,2,3,cat\n1,2 5,3,cat\n", "row 2: column 'b': '2 5' is not a number"),
         (b"a,b,c,label\n1,2,3,cat\n1,2,3\n", "row 2: 3 columns, but the header has 4"),
-        (b"a,b,c,label\n1,2,3,cat\n1,1e39,3,cat\n", "row 2: input 'features' has a value that is not finite"),
-        (b"a,b,c,label\n1,2,3,cat\n1,nan,3,cat\n", "row 2: input 'features' has a value that is not finite"),
+        (
+            b"a,b,c,label\n1,2,3,cat\n1,1e39,3,cat\n",
+            r"row 2: input 'features'\[1\]: 1e\+39 is out of range for float32",
+        ),
+        (
+            b"a,b,c,label\n1,2,3,cat\n1,nan,3,cat\n",
+            r"row 2: input 'features'\[1\]: NaN or Inf is not a valid",
+        ),
     ],
 )
 def test_csv_fast_path_errors_name_the_row(body: bytes, pattern: str) -> None:
     with pytest.raises(InvalidInput, match=pattern):
-        collect(csv_chunks(_stream(body), CLF))
+        collect(csv_chunks(_stream(body), CLF), CLF)

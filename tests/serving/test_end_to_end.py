@@ -20,6 +20,7 @@ import pytest
 from app.main import create_app
 from app.settings import Settings
 from tests.factories import reference_outputs, serve_in_thread
+from tests.serving.bad_input_cases import CASES
 
 N_REQUESTS = 300
 
@@ -124,8 +125,6 @@ def test_bad_requests_mixed_with_good_ones_never_cost_a_good_answer(
     batching_server: str, model_repository: Path
 ) -> None:
     """Every case of the bad-input table, sent concurrently with good requests sharing their batches."""
-    from tests.serving.test_bad_input import CASES
-
     rng = np.random.default_rng(3)
     good = [make_request(rng, i) for i in range(120)]
     bad = [

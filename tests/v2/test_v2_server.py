@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from tests.factories import (
     CLASSIFIER_LABELS,
     BuiltModel,
     _finish,
+    copy_model,
+    copy_repository,
     reference_outputs,
     serve_in_thread,
     write_model,
@@ -94,12 +95,10 @@ def dtype_samples(rows: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("v2-models")
-    for name in ("clf", "reg", "multi", "img"):
-        shutil.copytree(model_repository / name, root / name)
-    shutil.copytree(model_repository / "clf", root / "spare")
-    for card in (root / "spare").glob("*/model.json"):
-        card.write_text(card.read_text().replace('"name": "clf"', '"name": "spare"'))
+    root = copy_repository(
+        model_repository, tmp_path_factory.mktemp("v2-models"), ["clf", "reg", "multi", "img"]
+    )
+    copy_model(model_repository, "clf", root, new_name="spare")
     write_model(root, "dtypes", 1, dtype_identity_model())
     return root
 

@@ -1,0 +1,35 @@
+"""Readers: labelled evaluation data → `Chunk`s of model inputs and encoded targets.
+
+Four formats, one shape of output, one module each: a JSON body (`json_reader`, parsed whole: it is
+bounded by the body limit); NDJSON, CSV and NPZ uploads (`ndjson_reader`, `csv_reader`, `npz_reader`)
+read from the request stream chunk by chunk, so memory stays bounded by the chunk size however many rows
+arrive. Labels become targets in `targets`; `inputs` lays the parsed rows out by model input.
+
+Readers only parse: the inputs of a chunk are checked and converted by the core validator
+(`app.validation`, the same rules as `/predict`) when the runner takes the chunk.
+
+Every problem is an `InvalidInput` that says what is wrong and at which row (1-based, counting data rows
+only: a CSV header and blank lines are not rows): labels not among the model's classes, inputs and
+labels of different lengths, an empty set, class names mixed with class indices, a CSV row with the
+wrong number of columns, a missing label column, a value that is not a number.
+"""
+
+from app.evaluate.readers.common import ByteStream, Chunk, EvaluationOptions, RowCount, Schema
+from app.evaluate.readers.csv_reader import csv_chunks
+from app.evaluate.readers.json_reader import JsonEvaluation, json_chunks, parse_json_body
+from app.evaluate.readers.ndjson_reader import ndjson_chunks
+from app.evaluate.readers.npz_reader import npz_chunks
+
+__all__ = [
+    "ByteStream",
+    "Chunk",
+    "EvaluationOptions",
+    "JsonEvaluation",
+    "RowCount",
+    "Schema",
+    "csv_chunks",
+    "json_chunks",
+    "ndjson_chunks",
+    "npz_chunks",
+    "parse_json_body",
+]
