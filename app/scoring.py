@@ -383,8 +383,8 @@ class ClassificationAccumulator:
             }
             for i, label in enumerate(labels)
         ]
-        # DESIGN.md: precision/recall/f1 each carry micro, macro, weighted and per_class; the same rows
-        # also stand at the top level, one table for all three scores.
+        # The public contract (docs/DESIGN.md): precision/recall/f1 each carry micro, macro, weighted
+        # and per_class; the same rows also stand at the top level, one table for all three scores.
         for metric in ("precision", "recall", "f1"):
             report[metric] = {avg: prf.averages[avg][metric] for avg in AVERAGES}
             report[metric]["per_class"] = per_class

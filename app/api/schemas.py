@@ -17,6 +17,7 @@ class PredictRequest(BaseModel):
     """Rows to predict, shaped as the model's input without its batch axis."""
 
     model_config = ConfigDict(
+        extra="forbid",
         json_schema_extra={
             "examples": [
                 {"model": "iris", "inputs": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], "top_k": 2},
@@ -24,7 +25,7 @@ class PredictRequest(BaseModel):
                 {"model": "waves", "inputs": [[[0.1], [0.5], [0.9]], [[0.3], [0.2]]]},
                 {"model": "multi", "inputs": {"a": [[1.0, 2.0]], "b": [[3.0, 4.0, 5.0]]}},
             ]
-        }
+        },
     )
 
     model: str = Field(description="a served model's name (GET /models)")

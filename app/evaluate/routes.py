@@ -37,6 +37,7 @@ from app.evaluate.readers import (
     parse_json_body,
 )
 from app.evaluate.runner import Tensors, evaluate, flat_scores
+from app.evaluate.schemas import EvaluateRequest
 from app.http.asgi import (
     ClientDisconnected,
     Receive,
@@ -274,7 +275,7 @@ EVALUATE_OPERATION = Operation(
         503: "Model not ready",
     },
     body={
-        "application/json": {"type": "object"},
+        "application/json": EvaluateRequest,
         "application/x-ndjson": {"type": "string"},
         "text/csv": {"type": "string"},
         "application/x-npz": BINARY_SCHEMA,
