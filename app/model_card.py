@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CARD_FILENAME = "model.json"
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 ONNX_FILENAME = "model.onnx"
 SCHEMA_VERSION = 1
 
@@ -111,11 +112,48 @@ class CardMetrics(_Strict):
     test: dict[str, Any] = Field(default_factory=dict)
 
 
+class FloatModel(_Strict):
+    """The float model a quantized graph was made from."""
+
+    name: str
+    version: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=1)
+
+
+class LatencyChange(_Strict):
+    """Median time per row at one batch size: the float and the quantized graph in the same onnxruntime
+    CPU session options (one intra-op thread), measured alternately on the same test rows."""
+
+    batch_size: int = Field(ge=1)
+    float_us_per_row: float = Field(gt=0)
+    quantized_us_per_row: float = Field(gt=0)
+    speedup: float = Field(gt=0, description="float time / quantized time: above 1 is faster, below 1 slower")
+
+
+class QuantizationInfo(_Strict):
+    """How a quantized graph was made from a float model and what it changed, measured on the test split
+    with onnxruntime (the float graph scored the same way, so the changes are the quantization's alone)."""
+
+    method: Literal["dynamic"] = Field(
+        description="weights quantized ahead of time; activations quantized (uint8) per batch at run time"
+    )
+    weight_type: Literal["int8"]
+    float_model: FloatModel
+    float_test_metrics: dict[str, float] = Field(description="the float graph's test scores")
+    test_metrics_change: dict[str, float] = Field(description="quantized minus float, per test metric")
+    test_label_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="classification: share of test rows given the same class"
+    )
+    size_ratio: float = Field(gt=0, description="quantized file size / float file size")
+    latency: list[LatencyChange] = Field(default_factory=list)
+
+
 class ModelCard(_Strict):
     """Everything needed to serve, audit and reproduce one model version."""
 
     schema_version: int = SCHEMA_VERSION
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
     version: int = Field(ge=1)
     task: Task
     modality: Modality
@@ -132,6 +170,9 @@ class ModelCard(_Strict):
     )
     metrics: CardMetrics
     onnx: OnnxInfo
+    quantization: QuantizationInfo | None = Field(
+        default=None, description="present on a quantized graph: how it was made and what it changed"
+    )
     library_versions: dict[str, str] = Field(default_factory=dict)
     created_at: datetime
 

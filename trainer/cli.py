@@ -21,6 +21,7 @@ from trainer.distributed import BACKENDS, broadcast_flag, distributed_session, l
 from trainer.errors import ConfigError, ExportError, TrainerError
 from trainer.export import export_model
 from trainer.fit import train_and_evaluate
+from trainer.quantize import check_quantization, quantized_version_dir
 from trainer.tuning import STRATEGIES, check_trials, tune_and_export
 
 log = logging.getLogger("trainer")
@@ -47,21 +48,36 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    parser.add_argument(
+        "--quantize",
+        metavar="int8",
+        help="also export the int8 dynamic quantization as the model <name>-int8 (same version); its card "
+        "records the test metrics, size and latency against the float model",
+    )
+
+
+def output_dirs(args: argparse.Namespace, config: TrainConfig) -> list[Path]:
+    """The version folders a run writes: the model's, and its int8 sibling's with `--quantize`."""
+    folders = [args.output / config.name / str(config.version)]
+    if args.quantize is not None:
+        folders.append(quantized_version_dir(args.output, config.name, config.version))
+    return folders
 
 
 def load_run_config(args: argparse.Namespace) -> TrainConfig:
     """Load the config named on the command line, apply `--epochs`, and refuse an existing version early.
 
     Raises:
-        ConfigError: the config is invalid.
-        ExportError: the version exists and `--replace` was not given (checked before any training).
+        ConfigError: the config or `--quantize` is invalid.
+        ExportError: a version exists and `--replace` was not given (checked before any training).
     """
+    check_quantization(args.quantize)
     config = load_config(args.config)
     if args.epochs is not None:
         config = config.with_overrides({"optim.epochs": args.epochs})
-    target = args.output / config.name / str(config.version)
-    if target.exists() and not args.replace:
-        raise ExportError(f"{target} already exists; use --replace to overwrite it")
+    for target in output_dirs(args, config):
+        if target.exists() and not args.replace:
+            raise ExportError(f"{target} already exists; use --replace to overwrite it")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     return config
@@ -102,7 +118,7 @@ def run_fit(args: argparse.Namespace) -> int:
             return 0
         exported = False
         try:
-            version_dir = export_model(result, config, args.output, replace=args.replace)
+            export_model(result, config, args.output, replace=args.replace, quantize=args.quantize)
             exported = True
         finally:
             broadcast_flag(context, exported)
@@ -113,7 +129,7 @@ def run_fit(args: argparse.Namespace) -> int:
         result.selection_metric,
         result.validation_metrics[result.selection_metric],
     )
-    sys.stdout.write(f"{version_dir}\n")
+    sys.stdout.writelines(f"{folder}\n" for folder in output_dirs(args, config))
     return 0
 
 
@@ -158,8 +174,9 @@ def run_tune(args: argparse.Namespace) -> int:
         n_trials=args.trials,
         replace=args.replace,
         progress=not args.no_progress,
+        quantize=args.quantize,
     )
-    sys.stdout.write(f"{tuned.version_dir}\n")
+    sys.stdout.writelines(f"{folder}\n" for folder in output_dirs(args, tuned.config))
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.model_card import Modality, Task
+from app.model_card import MODEL_NAME_PATTERN, Modality, Task
 from trainer.errors import ConfigError
 
 BUILTIN_SOURCES: dict[str, tuple[Task, Modality]] = {
@@ -336,7 +336,7 @@ class SearchConfig(_Strict):
 class TrainConfig(_Strict):
     """One training run: data, preprocessing, model, optimisation and (optionally) a search space."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="model name in the repository")
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="model name in the repository")
     version: int = Field(1, ge=1)
     description: str = ""
     seed: int = Field(0, ge=0)

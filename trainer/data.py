@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from sklearn import datasets as sk_datasets
 from sklearn.model_selection import train_test_split
 
-from app.model_card import Modality, Task
+from app.model_card import FEATURES_INPUT, IMAGE_INPUT, MASK_INPUT, SEQUENCE_INPUT, Modality, Task
 from trainer.config import BUILTIN_SOURCES, DataConfig, SplitConfig, WavesConfig
 from trainer.errors import DataError
 
@@ -70,6 +70,20 @@ class Split:
         if self.lengths is None:
             return None
         return np.arange(self.x.shape[1])[None, :] < self.lengths[:, None]
+
+    def graph_feeds(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs of an exported graph for these rows (sequences trimmed to the longest among them)."""
+        x = self.x[rows]
+        mask = self.mask()
+        if mask is None:
+            name = IMAGE_INPUT if x.ndim == 4 else FEATURES_INPUT
+            return {name: np.ascontiguousarray(x, dtype=np.float32)}
+        mask = mask[rows]
+        steps = max(1, int(mask.sum(axis=1).max()))
+        return {
+            SEQUENCE_INPUT: np.ascontiguousarray(x[:, :steps], dtype=np.float32),
+            MASK_INPUT: mask[:, :steps].copy(),
+        }
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from app.model_card import (
@@ -35,18 +34,30 @@ from app.model_card import (
     SEQUENCE_INPUT,
     CardMetrics,
     DatasetInfo,
+    FloatModel,
     ModelCard,
     OnnxInfo,
     PreprocessingStep,
+    QuantizationInfo,
     SplitInfo,
     TensorSpec,
     sha256_of,
 )
 from trainer.config import TrainConfig
+from trainer.data import Split, Splits
 from trainer.errors import ExportError
 from trainer.fit import TrainResult, score_split
 from trainer.metrics import confusion
 from trainer.models import GraphModule, Pipeline
+from trainer.quantize import (
+    Comparison,
+    check_quantization,
+    compare,
+    quantize_int8,
+    quantized_name,
+    quantized_version_dir,
+    single_thread_session,
+)
 from trainer.report import plot_confusion, plot_curves, plot_predictions
 
 log = logging.getLogger(__name__)
@@ -81,21 +92,6 @@ TENSOR_DESCRIPTIONS = {
     LABEL_INDEX_OUTPUT: "index of the most probable class into labels",
     REGRESSION_OUTPUT: "predicted target value",
 }
-
-
-def parity_feeds(split: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Graph inputs for `rows` of a split (sequences trimmed to the longest among them)."""
-    x = split.x[rows]
-    mask = split.mask()
-    if mask is None:
-        name = IMAGE_INPUT if x.ndim == 4 else FEATURES_INPUT
-        return {name: np.ascontiguousarray(x, dtype=np.float32)}
-    mask = mask[rows]
-    steps = max(1, int(mask.sum(axis=1).max()))
-    return {
-        SEQUENCE_INPUT: np.ascontiguousarray(x[:, :steps], dtype=np.float32),
-        MASK_INPUT: mask[:, :steps].copy(),
-    }
 
 
 def export_onnx(
@@ -183,21 +179,19 @@ def _quiet_exporter_logs() -> Iterator[None]:
 
 
 @torch.no_grad()
-def check_parity(model: Pipeline, path: Path, split: Any) -> float:
+def check_parity(model: Pipeline, path: Path, split: Split) -> float:
     """Run batches of 1, 7 and 512 test rows through onnxruntime and torch; return the largest difference.
 
     Raises:
         ExportError: a float output differs by more than the tolerance, or a label index differs
             where torch's top two probabilities are not tied.
     """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = single_thread_session(path)
     worst = 0.0
     model.eval()
     for size in PARITY_BATCH_SIZES:
         rows = np.arange(size) % len(split)
-        feeds = parity_feeds(split, rows)
+        feeds = split.graph_feeds(rows)
         expected = [t.numpy() for t in model.outputs(*(torch.from_numpy(v) for v in feeds.values()))]
         actual = session.run(list(model.output_names()), feeds)
         for name, want, got in zip(model.output_names(), expected, actual, strict=True):
@@ -365,6 +359,91 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
+def _staging_folder(output_dir: Path, name: str) -> Path:
+    """A fresh hidden folder inside the repository (the server skips names starting with a dot)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=output_dir))
+    os.chmod(staging, 0o755)  # noqa: S103 - mkdtemp makes it private; the server may run as another user
+    return staging
+
+
+def build_quantized_card(
+    float_card: ModelCard, float_path: Path, quantized_path: Path, comparison: Comparison
+) -> ModelCard:
+    """The card of a float model's int8 sibling: the float card's data, training and labels, with the
+    quantized graph's file and scores and a `quantization` section saying how it was made and what changed."""
+    proto = onnx.load(str(quantized_path))
+    float_size, size = float_path.stat().st_size, quantized_path.stat().st_size
+    parent = f"{float_card.name}/{float_card.version}"
+    quantization = QuantizationInfo(
+        method="dynamic",
+        weight_type="int8",
+        float_model=FloatModel(
+            name=float_card.name,
+            version=float_card.version,
+            sha256=float_card.onnx.sha256,
+            size_bytes=float_size,
+        ),
+        float_test_metrics=_rounded(comparison.float_test),
+        test_metrics_change=_rounded(
+            {name: value - comparison.float_test[name] for name, value in comparison.test.items()}
+        ),
+        test_label_agreement=(
+            None if comparison.label_agreement is None else round(comparison.label_agreement, 6)
+        ),
+        size_ratio=round(size / float_size, 4),
+        latency=comparison.latency,
+    )
+    return ModelCard(
+        **dict(float_card)
+        | {
+            "name": quantized_name(float_card.name),
+            "description": f"int8 dynamic quantization of {parent}"
+            + (f": {float_card.description}" if float_card.description else ""),
+            "inputs": _tensor_specs(proto.graph.input),
+            "outputs": _tensor_specs(proto.graph.output),
+            "metrics": CardMetrics(
+                validation=_rounded(comparison.validation), test=_rounded(comparison.test)
+            ),
+            "onnx": OnnxInfo(sha256=sha256_of(quantized_path), size_bytes=size, opset=_opset(proto)),
+            "quantization": quantization,
+            "created_at": datetime.now(UTC),
+        }
+    )
+
+
+def export_quantized(
+    float_card: ModelCard, float_path: Path, splits: Splits, n_classes: int, staging: Path
+) -> ModelCard:
+    """Write the int8 dynamic quantization of the float graph and its card into `staging`.
+
+    Raises:
+        ExportError: the float graph's inputs or outputs did not survive quantization.
+    """
+    quantized_path = staging / ONNX_FILENAME
+    quantize_int8(float_path, quantized_path, quantized_name(float_card.name))
+    comparison = compare(
+        float_path, quantized_path, float_card.task, n_classes, splits.validation, splits.test
+    )
+    card = build_quantized_card(float_card, float_path, quantized_path, comparison)
+    if (card.inputs, card.outputs) != (float_card.inputs, float_card.outputs):
+        raise ExportError("int8 quantization changed the graph's inputs or outputs")
+    card.write(staging / CARD_FILENAME)
+    quantization = card.quantization
+    assert quantization is not None  # build_quantized_card sets it
+    log.info(
+        "int8: test %s; size %.2fx; time per row %s",
+        ", ".join(
+            f"{k} {v:.4f} ({quantization.test_metrics_change[k]:+.4f})" for k, v in card.metrics.test.items()
+        ),
+        quantization.size_ratio,
+        ", ".join(
+            f"batch {t.batch_size} {t.float_us_per_row:.2f} -> {t.quantized_us_per_row:.2f} us"
+            for t in quantization.latency
+        ),
+    )
+    return card
+
+
 def export_model(
     result: TrainResult,
     config: TrainConfig,
@@ -373,11 +452,14 @@ def export_model(
     extra_files: dict[str, bytes] | None = None,
     training_info: dict[str, Any] | None = None,
     replace: bool = False,
+    quantize: str | None = None,
 ) -> Path:
     """Score the test split once, export ONNX + card + report into `output_dir/<name>/<version>/`.
 
     Everything is written to a staging folder inside `output_dir` and moved into place only when
-    complete, so a failure leaves no half-written version behind.
+    complete, so a failure leaves no half-written version behind. With `quantize="int8"` the int8
+    dynamic quantization of the graph is staged too (see `trainer.quantize`) and moved into
+    `output_dir/<name>-int8/<version>/` right after the float model.
 
     Args:
         result: the trained run.
@@ -386,19 +468,26 @@ def export_model(
         extra_files: more files to put beside the model (e.g. `{"trials.csv": ...}`); plain names only.
         training_info: merged into the card's `training` section (e.g. a tuning summary).
         replace: overwrite an existing version instead of refusing.
+        quantize: `int8` to also export the quantized sibling model; None for the float model alone.
 
     Returns:
-        The version directory.
+        The version directory of the float model.
 
     Raises:
-        ExportError: the version exists (without `replace`), a file name is not allowed, or the
+        ConfigError: an unknown `quantize`, or a name too long for the `-int8` suffix.
+        ExportError: a version exists (without `replace`), a file name is not allowed, or the
             onnxruntime/torch parity check fails.
     """
     extra_files = extra_files or {}
     _check_extra_files(extra_files)
+    check_quantization(quantize)
     target = output_dir / config.name / str(config.version)
-    if target.exists() and not replace:
-        raise ExportError(f"{target} already exists; use --replace to overwrite it")
+    targets = [target]
+    if quantize is not None:
+        targets.append(quantized_version_dir(output_dir, config.name, config.version))
+    for folder in targets:
+        if folder.exists() and not replace:
+            raise ExportError(f"{folder} already exists; use --replace to overwrite it")
     model, splits = result.model, result.splits
     n_classes = len(result.dataset.labels or ())
     test_metrics, test_predictions = score_split(model, splits.test, n_classes)
@@ -406,13 +495,13 @@ def export_model(
 
     created_output_dir = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{config.name}-", dir=output_dir))
+    stagings = [_staging_folder(output_dir, config.name)]
+    staging = stagings[0]
     try:
-        os.chmod(staging, 0o755)  # noqa: S103 - mkdtemp makes it private; the server may run as another user
         onnx_path = staging / ONNX_FILENAME
         labels_meta = {"labels": json.dumps(result.dataset.labels)} if result.dataset.labels else {}
         # A batch of one would let the exporter specialise the batch axis to 1: always trace several rows.
-        example = parity_feeds(splits.train, np.arange(EXAMPLE_ROWS) % len(splits.train))
+        example = splits.train.graph_feeds(np.arange(EXAMPLE_ROWS) % len(splits.train))
         export_onnx(
             model, example, onnx_path, {"name": config.name, "version": str(config.version), **labels_meta}
         )
@@ -429,11 +518,17 @@ def export_model(
             plot_predictions(splits.test.y, test_predictions, staging / PREDICTIONS_FILENAME)
         for name, content in extra_files.items():
             (staging / name).write_bytes(content)
-        _move_into_place(staging, target, replace)
+        if quantize is not None:
+            stagings.append(_staging_folder(output_dir, quantized_name(config.name)))
+            export_quantized(card, onnx_path, splits, n_classes, stagings[1])
+        for folder, destination in zip(stagings, targets, strict=True):
+            _move_into_place(folder, destination, replace)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        for folder in stagings:
+            shutil.rmtree(folder, ignore_errors=True)
         if created_output_dir:
             _remove_if_empty(output_dir)
         raise
-    log.info("wrote %s", target)
+    for folder in targets:
+        log.info("wrote %s", folder)
     return target

@@ -355,6 +355,7 @@ def tune_and_export(
     replace: bool = False,
     pruner: optuna.pruners.BasePruner | None = None,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> TuneResult:
     """Search, retrain the best configuration from scratch (same seed) and export it.
 
@@ -368,6 +369,7 @@ def tune_and_export(
         replace: overwrite an existing version.
         pruner: defaults to `make_pruner(n_trials)`.
         progress: progress bar for the final training run.
+        quantize: `int8` to also export the quantized sibling model (see `export_model`).
 
     Raises:
         ConfigError: see `run_search`.
@@ -395,6 +397,7 @@ def tune_and_export(
         extra_files={TRIALS_FILENAME: outcome.trials_csv()},
         training_info={"tuning": summary},
         replace=replace,
+        quantize=quantize,
     )
     log.info(
         "best of %d trials (%d pruned): %s — validation %s %.4f",
