@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.metrics import MetricWrapperBase
 
 from app.main import create_app
 from app.observability import PrometheusMetrics
 from app.settings import Settings
+from tests.deploy.manifests import DEPLOY, REPO_ROOT, load_documents, one, yaml_files
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = REPO_ROOT / "deploy"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DASHBOARD = DEPLOY / "grafana" / "modelserve-dashboard.json"
 ENV_PREFIX = "MODELSERVE_"
@@ -35,33 +33,6 @@ HEALTH_PATHS = {"/v2/health/live", "/v2/health/ready"}
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
-def _yaml_files() -> list[Path]:
-    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in {".yaml", ".yml"})
-
-
-def _documents() -> list[tuple[Path, dict[str, Any]]]:
-    docs = []
-    for path in _yaml_files():
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc is not None:
-                docs.append((path, doc))
-    return docs
-
-
-def _by_kind(kind: str, directory: str | None = None) -> list[dict[str, Any]]:
-    return [
-        doc
-        for path, doc in _documents()
-        if doc.get("kind") == kind and (directory is None or path.parent.name == directory)
-    ]
-
-
-def _one(kind: str, directory: str | None = None) -> dict[str, Any]:
-    found = _by_kind(kind, directory)
-    assert len(found) == 1, f"expected one {kind} in deploy/{directory or ''}, found {len(found)}"
-    return found[0]
 
 
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -248,9 +219,9 @@ def test_dockerignore_keeps_the_context_small() -> None:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
 def test_yaml_parses_into_kubernetes_objects(path: Path) -> None:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    docs = load_documents(path)
     assert docs
     for doc in docs:
         assert doc.get("apiVersion")
@@ -260,21 +231,21 @@ def test_yaml_parses_into_kubernetes_objects(path: Path) -> None:
 
 
 def test_every_manifest_is_listed_in_the_kustomization() -> None:
-    kustomization = _one("Kustomization", "kubernetes")
+    kustomization = one("Kustomization", "kubernetes")
     listed = set(kustomization["resources"])
     present = {p.name for p in (DEPLOY / "kubernetes").glob("*.yaml") if p.name != "kustomization.yaml"}
     assert listed == present
 
 
 def test_expected_objects_exist() -> None:
-    assert _one("Deployment", "kubernetes")
-    assert _one("Service", "kubernetes")
-    hpa = _one("HorizontalPodAutoscaler", "kubernetes")
+    assert one("Deployment", "kubernetes")
+    assert one("Service", "kubernetes")
+    hpa = one("HorizontalPodAutoscaler", "kubernetes")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert _one("PodDisruptionBudget", "kubernetes")["apiVersion"] == "policy/v1"
-    assert _one("ServiceMonitor", "kubernetes")["apiVersion"] == "monitoring.coreos.com/v1"
-    assert _one("ServingRuntime", "kserve")["apiVersion"] == "serving.kserve.io/v1alpha1"
-    assert _one("InferenceService", "kserve")["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert one("PodDisruptionBudget", "kubernetes")["apiVersion"] == "policy/v1"
+    assert one("ServiceMonitor", "kubernetes")["apiVersion"] == "monitoring.coreos.com/v1"
+    assert one("ServingRuntime", "kserve")["apiVersion"] == "serving.kserve.io/v1alpha1"
+    assert one("InferenceService", "kserve")["apiVersion"] == "serving.kserve.io/v1beta1"
 
 
 # ---------------------------------------------------------------------------------------------- agreement
@@ -295,7 +266,7 @@ def _settings_from_env(env: dict[str, dict[str, Any]], monkeypatch: pytest.Monke
 def test_env_names_are_settings_and_values_validate(
     kind: str, directory: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for container in _containers(_one(kind, directory)):
+    for container in _containers(one(kind, directory)):
         env = _env(container)
         for name in env:
             if name.startswith(ENV_PREFIX):
@@ -309,13 +280,13 @@ def test_env_names_are_settings_and_values_validate(
 
 
 def test_inference_service_env_names_are_settings() -> None:
-    isvc = _one("InferenceService", "kserve")
+    isvc = one("InferenceService", "kserve")
     for item in isvc["spec"]["predictor"]["model"].get("env", []):
         assert item["name"][len(ENV_PREFIX) :].lower() in Settings.model_fields
 
 
 def test_deployment_matches_the_image() -> None:
-    container = _containers(_one("Deployment", "kubernetes"))[0]
+    container = _containers(one("Deployment", "kubernetes"))[0]
     env = _env(container)
     image_env = _dockerfile_env(_final_stage())
     assert env["MODELSERVE_MODEL_REPOSITORY"]["value"] == image_env["MODELSERVE_MODEL_REPOSITORY"]
@@ -331,7 +302,7 @@ def _probes(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize(("kind", "directory"), [("Deployment", "kubernetes"), ("ServingRuntime", "kserve")])
 def test_probes_hit_health_routes_on_the_serving_port(kind: str, directory: str, served: TestClient) -> None:
-    container = _containers(_one(kind, directory))[0]
+    container = _containers(one(kind, directory))[0]
     probes = _probes(container)
     assert probes["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert probes["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
@@ -347,8 +318,8 @@ def test_probes_hit_health_routes_on_the_serving_port(kind: str, directory: str,
 def test_metrics_path_serves_every_registered_metric(
     served: TestClient, app_metrics: dict[str, tuple[str, frozenset[str]]]
 ) -> None:
-    monitor = _one("ServiceMonitor", "kubernetes")
-    runtime = _one("ServingRuntime", "kserve")
+    monitor = one("ServiceMonitor", "kubernetes")
+    runtime = one("ServingRuntime", "kserve")
     paths = [e["path"] for e in monitor["spec"]["endpoints"]]
     paths.append(runtime["metadata"]["annotations"]["prometheus.kserve.io/path"])
     for path in paths:
@@ -363,7 +334,7 @@ def test_metrics_path_serves_every_registered_metric(
 
 @pytest.mark.parametrize(("kind", "directory"), [("Deployment", "kubernetes"), ("ServingRuntime", "kserve")])
 def test_hardened_security_context(kind: str, directory: str) -> None:
-    doc = _one(kind, directory)
+    doc = one(kind, directory)
     image_uid = int(dict(_final_stage())["USER"].split(":")[0])
     pod = doc["spec"]["template"]["spec"] if kind == "Deployment" else doc["spec"]
     pod_security = pod.get("securityContext", {})
@@ -383,28 +354,28 @@ def test_hardened_security_context(kind: str, directory: str) -> None:
 
 
 def test_service_hpa_pdb_and_monitor_select_the_deployment() -> None:
-    deployment = _one("Deployment", "kubernetes")
+    deployment = one("Deployment", "kubernetes")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     container = _containers(deployment)[0]
     port_names = {p["name"] for p in container["ports"]}
 
-    service = _one("Service", "kubernetes")
+    service = one("Service", "kubernetes")
     assert service["spec"]["selector"].items() <= pod_labels.items()
     for port in service["spec"]["ports"]:
         assert port["targetPort"] in port_names
 
-    hpa = _one("HorizontalPodAutoscaler", "kubernetes")
+    hpa = one("HorizontalPodAutoscaler", "kubernetes")
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     # Utilization targets need requests to compute against.
     assert container["resources"]["requests"]["cpu"]
 
-    pdb = _one("PodDisruptionBudget", "kubernetes")
+    pdb = one("PodDisruptionBudget", "kubernetes")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"], "a drain must be able to evict a pod"
 
-    monitor = _one("ServiceMonitor", "kubernetes")
+    monitor = one("ServiceMonitor", "kubernetes")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     service_port_names = {p["name"] for p in service["spec"]["ports"]}
     for endpoint in monitor["spec"]["endpoints"]:
@@ -412,8 +383,8 @@ def test_service_hpa_pdb_and_monitor_select_the_deployment() -> None:
 
 
 def test_kserve_runtime_speaks_v2_for_onnx() -> None:
-    runtime = _one("ServingRuntime", "kserve")
-    isvc = _one("InferenceService", "kserve")
+    runtime = one("ServingRuntime", "kserve")
+    isvc = one("InferenceService", "kserve")
     assert "v2" in runtime["spec"]["protocolVersions"]
     assert "onnx" in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     model = isvc["spec"]["predictor"]["model"]
@@ -482,7 +453,7 @@ def test_dashboard_metrics_and_labels_exist_in_the_app(
 
 
 def test_service_monitor_keeps_every_app_metric(app_metrics: dict[str, tuple[str, frozenset[str]]]) -> None:
-    monitor = _one("ServiceMonitor", "kubernetes")
+    monitor = one("ServiceMonitor", "kubernetes")
     for endpoint in monitor["spec"]["endpoints"]:
         for relabel in endpoint.get("metricRelabelings", []):
             if relabel.get("action") == "keep" and relabel.get("sourceLabels") == ["__name__"]:
@@ -497,7 +468,7 @@ def test_probes_and_scrapes_need_no_api_key(served_with_api_key: TestClient) -> 
     """Kubelet probes and Prometheus scrapes send no Authorization header, even when the Secret is set."""
     paths = {"/metrics"}
     for kind, directory in (("Deployment", "kubernetes"), ("ServingRuntime", "kserve")):
-        for container in _containers(_one(kind, directory)):
+        for container in _containers(one(kind, directory)):
             paths |= {probe["httpGet"]["path"] for probe in _probes(container).values()}
     for path in sorted(paths):
         assert _answers(served_with_api_key, path), f"{path} asks for the API key"
