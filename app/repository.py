@@ -1,5 +1,9 @@
 """The model repository: find `<name>/<version>/` folders, check each card and its sha256, load the graph.
 
+Whoever can write a folder of the repository chooses every byte the loader reads, so a version is refused
+before onnxruntime sees it when a file it uses resolves outside the repository (symlinks followed), is not a
+regular file or is too large, when its graph keeps data in external files, or declares absurd shapes.
+
 `LoadedModel` is what the rest of the service sees of one model version: its card, the input and output
 schema read from the graph (not trusted from the card), the providers really in use, its input validator
 (`app.validation`) and the way requests of this model are stacked into one batch.
@@ -9,6 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
+import re
+import stat
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,17 +39,31 @@ from app.model_card import (
     ModelCard,
     TensorSpec,
 )
-from app.session import create_session, uses_external_data
+from app.session import create_session, inspect_graph_file
 from app.settings import Settings
 from app.validation import InputValidator, Places
 
 logger = logging.getLogger(__name__)
 
+MAX_CARD_BYTES = 1 << 20  # a card takes a few KiB; a larger file is refused before it is parsed
+MAX_AXES = 8  # most axes an input or output may declare
+# Most values the inputs (or the outputs) of a graph may declare for one row, variable axes counted as 1
+# (64 MiB of float32); also the most a warm-up batch holds, so loading never allocates gigabytes for it.
+MAX_DECLARED_VALUES = 1 << 24
+_MAX_REASON_CHARS = 500
+# An absolute path in a message (not a relative one, which comes from the model file itself).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s\"'(),]+")
+
 
 class ModelLoadError(Exception):
-    """A model version that cannot be served; `reason` is shown in `GET /models` and the log."""
+    """A model version that cannot be served; `reason` is shown in `GET /models` and the log.
+
+    A reason names files relative to the version folder and never holds an absolute path or a traceback.
+    """
 
     def __init__(self, reason: str) -> None:
+        if len(reason) > _MAX_REASON_CHARS:  # names in the graph file may be of any length
+            reason = reason[: _MAX_REASON_CHARS - 3] + "..."
         super().__init__(reason)
         self.reason = reason
 
@@ -53,6 +75,8 @@ class ModelSource:
     name: str
     version: int
     directory: Path
+    repository: Path
+    """The repository root it was found under: every file the version uses must resolve inside it."""
 
 
 def scan_repository(root: Path) -> list[ModelSource]:
@@ -60,6 +84,8 @@ def scan_repository(root: Path) -> list[ModelSource]:
 
     Folders whose name is not a positive integer are not versions and are skipped (with a debug line);
     a missing root is logged and yields nothing, so the server still starts and reports no models.
+    Names come from the folder listing (never `.` or `..`; those starting with `.` are skipped); a folder
+    that is a symlink is listed here and refused by `load_model` if it leads out of the repository.
     """
     if not root.is_dir():
         logger.warning("model repository not found", extra={"repository": str(root)})
@@ -70,8 +96,13 @@ def scan_repository(root: Path) -> list[ModelSource]:
             if not version_dir.name.isdigit() or int(version_dir.name) < 1:
                 logger.debug("skipping a folder that is not a version", extra={"folder": str(version_dir)})
                 continue
-            sources.append(ModelSource(model_dir.name, int(version_dir.name), version_dir))
+            sources.append(ModelSource(model_dir.name, int(version_dir.name), version_dir, root))
     return sorted(sources, key=lambda s: (s.name, s.version))
+
+
+def _declared_values(shape: Sequence[int]) -> int:
+    """Values a tensor of this shape holds with every variable axis (-1) of length 1."""
+    return math.prod(dim for dim in shape if dim > 0)
 
 
 def _ort_spec(node: Any) -> TensorSpec:
@@ -105,6 +136,7 @@ class LoadedModel:
         self.input_names = [spec.name for spec in self.inputs]
         self.output_names = [spec.name for spec in self.outputs]
         self._specs = {spec.name: spec for spec in self.inputs}
+        self._check_declared_shapes()  # before the warm-up allocates inputs of these shapes
         self._check_conventions()  # before anything below relies on the dtypes being numpy ones
         self.validator = InputValidator(
             self.inputs,
@@ -127,6 +159,22 @@ class LoadedModel:
     def labels(self) -> list[str] | None:
         """Class names, index i naming class i (classification only)."""
         return self.card.labels
+
+    def _check_declared_shapes(self) -> None:
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            for spec in specs:
+                if len(spec.shape) > MAX_AXES:
+                    raise ModelLoadError(
+                        f"{kind} {spec.name!r} declares {len(spec.shape)} axes, more than {MAX_AXES}"
+                    )
+                if 0 in spec.shape:
+                    raise ModelLoadError(f"{kind} {spec.name!r} declares an axis of length 0: {spec.shape}")
+            values = sum(_declared_values(spec.shape) for spec in specs)
+            if values > MAX_DECLARED_VALUES:
+                raise ModelLoadError(
+                    f"the {kind}s declare {values} values per row (variable axes counted as 1), "
+                    f"more than {MAX_DECLARED_VALUES}"
+                )
 
     def _check_conventions(self) -> None:
         card_inputs = sorted(spec.name for spec in self.card.inputs)
@@ -201,12 +249,19 @@ class LoadedModel:
         results = self.session.run(self.output_names, dict(inputs))
         return dict(zip(self.output_names, results, strict=True))
 
-    def warm_up(self, rows: Sequence[int]) -> None:
-        """Run zero-filled batches of these sizes so the first real request pays no one-time costs."""
-        for n in rows:
+    def warm_up(self, max_rows: int) -> None:
+        """Run zero-filled batches so the first real request pays no one-time costs (variable axes: length 1).
+
+        A batch of one row, then one of `max_rows` rows, fewer when it would hold more than
+        `MAX_DECLARED_VALUES` values; a graph with a fixed batch axis runs one batch of that size.
+        """
+        row_values = sum(_declared_values(spec.shape[1:]) for spec in self.inputs) or 1
+        largest = min(max_rows, max(1, MAX_DECLARED_VALUES // row_values))
+        for rows in sorted({1, largest}) if self.batchable else [1]:
             sample = {}
             for spec in self.inputs:
-                shape = [n, *(1 if d == -1 else d for d in spec.shape[1:])]
+                batch = [rows if d == -1 else d for d in spec.shape[:1]]
+                shape = [*batch, *(1 if d == -1 else d for d in spec.shape[1:])]
                 dtype = np.dtype(spec.dtype)
                 sample[spec.name] = np.ones(shape, dtype) if dtype.kind == "b" else np.zeros(shape, dtype)
             self.run(sample)
@@ -283,51 +338,98 @@ def load_model(source: ModelSource, settings: Settings, providers: Sequence[str]
     """Read, verify and load one model version, then warm it up (blocking).
 
     Raises:
-        ModelLoadError: a missing or invalid card, a card that names another model or version, a sha256
-            mismatch, external data, a graph onnxruntime rejects, or one that breaks the tensor conventions.
+        ModelLoadError: the version folder, `model.onnx` or `model.json` resolves outside the repository,
+            is missing, unreadable, not a regular file or too large; an invalid card, or one that names
+            another model or version; a sha256 mismatch; bytes that are not an ONNX protobuf; external data;
+            a negative axis length; a graph onnxruntime rejects; absurd declared shapes; a graph that breaks
+            the tensor conventions; a failed warm-up run.
     """
     started = time.perf_counter()
-    card_path, onnx_path = source.directory / CARD_FILENAME, source.directory / ONNX_FILENAME
-    if not onnx_path.is_file():
-        raise ModelLoadError(f"no {ONNX_FILENAME} in {source.name}/{source.version}")
+    root = source.repository.resolve()
+    folder = f"{source.name}/{source.version}"
+    directory = _inside(root, source.directory, f"the folder {folder}")
+    onnx_path = _inside(root, directory / ONNX_FILENAME, ONNX_FILENAME)
+    if not onnx_path.exists():
+        raise ModelLoadError(f"no {ONNX_FILENAME} in {folder}")
+    card_path = _inside(root, directory / CARD_FILENAME, CARD_FILENAME)
+    card_bytes = _read_file(card_path, CARD_FILENAME, folder, MAX_CARD_BYTES, "a card takes a few KiB")
     try:
-        card = ModelCard.read(card_path)
-    except FileNotFoundError as err:
-        raise ModelLoadError(f"no {CARD_FILENAME} beside the graph") from err
-    except OSError as err:
-        raise ModelLoadError(f"cannot read {CARD_FILENAME}: {err.strerror}") from err
+        card = ModelCard.model_validate_json(card_bytes)
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in err.errors()[:5]
         )
         raise ModelLoadError(f"invalid model card: {problems}") from err
     if card.name != source.name or card.version != source.version:
-        raise ModelLoadError(
-            f"the card describes {card.name}/{card.version} but sits in {source.name}/{source.version}"
-        )
-    try:
-        model_bytes = onnx_path.read_bytes()
-    except OSError as err:
-        raise ModelLoadError(f"cannot read {ONNX_FILENAME}: {err.strerror}") from err
+        raise ModelLoadError(f"the card describes {card.name}/{card.version} but sits in {folder}")
+    model_bytes = _read_file(
+        onnx_path, ONNX_FILENAME, folder, settings.max_model_bytes, "MODELSERVE_MAX_MODEL_BYTES"
+    )
     digest = hashlib.sha256(model_bytes).hexdigest()
     if digest != card.onnx.sha256:
         raise ModelLoadError(f"sha256 of {ONNX_FILENAME} is {digest}, the card says {card.onnx.sha256}")
     try:
-        external = uses_external_data(model_bytes)
-    except (ValueError, IndexError) as err:
-        raise ModelLoadError(f"{ONNX_FILENAME} is not an ONNX protobuf") from err
-    if external:
+        facts = inspect_graph_file(model_bytes)
+    except ValueError as err:
+        raise ModelLoadError(f"{ONNX_FILENAME} is not an ONNX protobuf (truncated or corrupt)") from err
+    if facts.external_data:
         raise ModelLoadError(
             "the graph keeps weights in an external data file; export one self-contained file"
         )
+    if facts.negative_dimension:
+        raise ModelLoadError("an input or output of the graph declares a negative axis length other than -1")
     try:
         session = create_session(model_bytes, settings, providers)
     except Exception as err:  # onnxruntime raises several unrelated types
-        raise ModelLoadError(f"onnxruntime cannot load the graph: {err}") from err
+        raise ModelLoadError(f"onnxruntime cannot load the graph: {_onnxruntime_message(err)}") from err
     model = LoadedModel(card, session)
     try:
-        model.warm_up(sorted({1, settings.max_batch_rows}))
+        model.warm_up(settings.max_batch_rows)
     except Exception as err:
-        raise ModelLoadError(f"warm-up run failed: {err}") from err
+        raise ModelLoadError(f"warm-up run failed: {_onnxruntime_message(err)}") from err
     model.load_seconds = time.perf_counter() - started
     return model
+
+
+def _inside(root: Path, path: Path, shown: str) -> Path:
+    """`path` with every symlink followed; refused unless it stays inside `root` (itself resolved)."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop, on Python 3.11 and 3.12
+        raise ModelLoadError(f"cannot resolve {shown}: a symlink loop or an unreadable folder") from err
+    if not resolved.is_relative_to(root):
+        raise ModelLoadError(f"{shown} resolves outside the model repository")
+    return resolved
+
+
+def _read_file(path: Path, shown: str, folder: str, limit: int, limit_note: str) -> bytes:
+    """The bytes of `path` (resolved): a regular file of at most `limit` bytes, else `ModelLoadError`."""
+    too_large = ModelLoadError(f"{shown} is larger than {limit} bytes ({limit_note})")
+    try:
+        # O_NOFOLLOW: `path` is resolved, so a symlink there is a swap since; O_NONBLOCK: a FIFO never waits.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ModelLoadError(f"{shown} is not a regular file")
+            if info.st_size > limit:
+                raise too_large
+            with open(fd, "rb", closefd=False) as handle:
+                data = handle.read(limit + 1)  # the file may have grown since the fstat
+        finally:
+            os.close(fd)
+    except FileNotFoundError as err:
+        raise ModelLoadError(f"no {shown} in {folder}") from err
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {shown}: {err.strerror}") from err
+    if len(data) > limit:
+        raise too_large
+    return data
+
+
+def _onnxruntime_message(err: Exception) -> str:
+    """An onnxruntime error for `GET /models`: one line, absolute paths (of its sources, of files it
+    looked for) replaced by `<path>`."""
+    if isinstance(err, UnicodeDecodeError):  # the message itself quotes undecodable bytes of the graph
+        return "its error message is not valid text (a corrupt name in the graph?)"
+    return _ABSOLUTE_PATH.sub("<path>", " ".join(str(err).split()))

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
 
     model_repository: Path = Path("models")
     """Directory holding `<name>/<version>/model.onnx` + `model.json`."""
+    max_model_bytes: int = Field(default=2 * 1024**3, ge=1)
+    """Largest `model.onnx` loaded, in bytes (larger: the version is refused); protobuf caps one at 2 GiB."""
     host: str = "127.0.0.1"
     """Interface to listen on."""
     port: int = Field(default=8000, ge=0, le=65535)

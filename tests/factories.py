@@ -287,6 +287,16 @@ def copy_repository(source: Path, destination: Path, names: Sequence[str] | None
     return destination
 
 
+def reseal_card(folder: Path) -> None:
+    """Make the card of a version folder match whatever its model.onnx now holds (sha256 and size)."""
+    card = ModelCard.read(folder / CARD_FILENAME)
+    onnx_path = folder / ONNX_FILENAME
+    onnx_info = card.onnx.model_copy(
+        update={"sha256": sha256_of(onnx_path), "size_bytes": onnx_path.stat().st_size}
+    )
+    card.model_copy(update={"onnx": onnx_info}).write(folder / CARD_FILENAME)
+
+
 @functools.cache
 def _reference_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

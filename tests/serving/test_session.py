@@ -80,7 +80,7 @@ def test_thread_defaults_leave_room_for_the_event_loop() -> None:
 
 def test_external_data_is_detected(tmp_path: Path) -> None:
     built = tabular_classifier()
-    assert not session.uses_external_data(built.proto.SerializeToString())
+    assert not session.inspect_graph_file(built.proto.SerializeToString()).external_data
     path = tmp_path / "model.onnx"
     onnx.save_model(built.proto, path, save_as_external_data=True, location="w.bin", size_threshold=0)
-    assert session.uses_external_data(path.read_bytes())
+    assert session.inspect_graph_file(path.read_bytes()).external_data
