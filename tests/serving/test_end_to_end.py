@@ -73,34 +73,40 @@ def batching_server(model_repository: Path) -> Iterator[str]:
         yield url
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_concurrent_requests_each_get_their_own_rows(batching_server: str, model_repository: Path) -> None:
-    rng = np.random.default_rng(7)
-    requests = [make_request(rng, i) for i in range(N_REQUESTS)]
     version = {"clf": 2, "reg": 1, "multi": 1, "seq": 1}
 
-    async def run_all() -> tuple[list[httpx.Response], str, str]:
+    async def burst(requests: list[Any]) -> tuple[list[httpx.Response], str, str]:
         limits = httpx.Limits(max_connections=N_REQUESTS, max_keepalive_connections=N_REQUESTS)
         async with httpx.AsyncClient(base_url=batching_server, limits=limits, timeout=60) as client:
             # Open every connection first, so the requests below reach the server as one burst instead of
-            # trickling in behind 300 TCP handshakes (which on a loaded machine can space them out enough
-            # that each finds its model idle and, rightly, runs alone).
+            # trickling in behind 300 TCP handshakes.
             await asyncio.gather(*(client.get("/v2/health/live") for _ in range(N_REQUESTS)))
             before = (await client.get("/metrics")).text
             responses = await asyncio.gather(*(client.post("/predict", json=body) for _, body, _ in requests))
             after = (await client.get("/metrics")).text
             return list(responses), before, after
 
-    responses, before, after = asyncio.run(run_all())
-    for (kind, _, arrays), response in zip(requests, responses, strict=True):
-        assert response.status_code == 200, response.text
-        check(kind, response.json(), reference_outputs(model_repository, kind, version[kind], arrays))
-
-    # Several requests shared one onnxruntime call: fewer batches than requests.
-    for kind in ("clf", "reg", "multi", "seq"):
-        sent = sum(1 for k, _, _ in requests if k == kind)
-        batches = batch_count(after, kind) - batch_count(before, kind)
-        assert 0 < batches < sent, (kind, batches, sent)
+    # Every answer of every burst is checked. That requests shared onnxruntime calls (fewer batches than
+    # requests for each model) depends on timing: on a machine so loaded that the client sends slower than
+    # the server answers, each request rightly finds its model idle. So a burst is repeated, up to three
+    # times, until sharing shows.
+    shared: dict[str, tuple[int, int]] = {}
+    for attempt in range(3):
+        requests = [make_request(np.random.default_rng(7 + attempt), i) for i in range(N_REQUESTS)]
+        responses, before, after = asyncio.run(burst(requests))
+        for (kind, _, arrays), response in zip(requests, responses, strict=True):
+            assert response.status_code == 200, response.text
+            check(kind, response.json(), reference_outputs(model_repository, kind, version[kind], arrays))
+        for kind in ("clf", "reg", "multi", "seq"):
+            sent = sum(1 for k, _, _ in requests if k == kind)
+            batches = batch_count(after, kind) - batch_count(before, kind)
+            assert 0 < batches <= sent, (kind, batches, sent)
+            shared[kind] = (batches, sent)
+        if all(batches < sent for batches, sent in shared.values()):
+            return
+    pytest.fail(f"no burst showed requests sharing a batch (batches, requests) per model: {shared}")
 
 
 def test_default_live_server_answers_concurrent_requests(live_server: str, model_repository: Path) -> None:
