@@ -259,10 +259,14 @@ def check_answer(case: Case, port: int, path: str, body: Body, expected: np.ndar
     """One request from Python: status 200 and the predictions of in-process onnxruntime (the floor:
     its constant body)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("POST", path, body.content, body.headers())
-    response = connection.getresponse()
-    content = response.read()
-    connection.close()
+    try:
+        connection.request("POST", path, body.content, body.headers())
+        response = connection.getresponse()
+        content = response.read()
+    except OSError as err:
+        raise BenchError(f"{case.describe()}: no answer to the check request ({err!r})") from err
+    finally:
+        connection.close()
     if response.status != 200:
         raise BenchError(f"{case.describe()}: HTTP {response.status}: {content[:500]!r}")
     if expected is None:
@@ -493,7 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="modelserve-bench-") as folder:
-        samples = measure(args, Path(folder))
+        try:
+            samples = measure(args, Path(folder))
+        except BenchError as err:
+            print(f"bench.compare: {err}", file=sys.stderr)
+            return 1
     medians = {
         case: median_figures(s) for case, s in sorted(samples.items(), key=lambda item: _order(item[0]))
     }
