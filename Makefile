@@ -38,8 +38,11 @@ format: $(VENV)/.dev-installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Side-by-side benchmark (bench/README.md); `make bench BENCH_ARGS=--quick` for a ~2-minute smoke run.
 bench: $(VENV)/.dev-installed
-	$(PY) -m bench.run
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y wrk; } || { \
+		echo "make bench needs wrk (Debian package wrk): apt-get install -y wrk" >&2; exit 1; }
+	$(PY) -m bench.compare $(BENCH_ARGS)
 
 # Retrain every shipped model from its committed config.
 models: $(VENV)/.dev-installed

@@ -1,14 +1,14 @@
 """Latency of `/predict` with dynamic batching against a direct, unbatched path, at concurrency 1.
 
-What it does (`make bench`, or `python -m bench.run --help`):
+What it does (`python -m bench.run`; `--help` for its options):
 
 1. Builds a model repository of fixture models (`tests/factories.py`) in a temporary folder.
 2. HTTP: starts two real servers with `modelserve serve`, identical except `MODELSERVE_BATCHING`
    (true: the batcher; false: each request is its own onnxruntime call, still off the event loop), and
    sends them the same requests one at a time, alternating between them so machine noise hits both
    alike. Reports median / p90 / p99 client-side latency and the added median latency.
-3. In-process: the same comparison without HTTP (`DataPlane.infer` through the batcher vs. the unbatched
-   path vs. a plain `session.run` on the event loop), which isolates the batcher's own cost.
+3. In-process: the same comparison without HTTP (`DataPlane.infer` of two apps, batching on and off,
+   vs. a plain `session.run` on the event loop), which isolates the batcher's own cost.
 4. Throughput: N concurrent clients for a few seconds against each server; rows per onnxruntime call are
    read from `/metrics` (`modelserve_batch_rows`).
 
@@ -131,19 +131,20 @@ async def _in_process(repository: Path, requests: int, warmup: int) -> dict[str,
     from app.main import create_app
     from app.settings import Settings
 
-    app = create_app(Settings(model_repository=repository, access_log=False))
+    batched_app = create_app(Settings(model_repository=repository, access_log=False))
+    unbatched_app = create_app(Settings(model_repository=repository, access_log=False, batching=False))
     samples: dict[str, list[float]] = {"batched": [], "unbatched": [], "inline_session_run": []}
-    async with LifespanManager(app):
-        dataplane = app.state.dataplane
-        model = dataplane.get_model("clf")
+    async with LifespanManager(batched_app), LifespanManager(unbatched_app):
+        batched, unbatched = batched_app.state.dataplane, unbatched_app.state.dataplane
+        batched_model, unbatched_model = batched.get_model("clf"), unbatched.get_model("clf")
         inputs = {"features": np.ones((1, 4), np.float32)}
 
         async def inline() -> Any:
-            return model.run(inputs)
+            return batched_model.run(inputs)
 
         paths: dict[str, Callable[[], Awaitable[Any]]] = {
-            "batched": lambda: dataplane.infer(model, inputs),
-            "unbatched": lambda: dataplane._run_alone(model, model.validate_inputs(inputs), 1),
+            "batched": lambda: batched.infer(batched_model, inputs),
+            "unbatched": lambda: unbatched.infer(unbatched_model, inputs),
             "inline_session_run": inline,
         }
         for i in range(warmup + requests):

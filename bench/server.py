@@ -1,4 +1,5 @@
-"""`modelserve serve` in a subprocess for the benchmarks (`bench.run`, `bench.evaluate_stream`)."""
+"""Servers in subprocesses for the benchmarks: `modelserve serve` (`bench.run`, `bench.evaluate_stream`,
+`bench.compare`) and any other command that listens on a port (`bench.servers`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,19 +22,64 @@ def free_port() -> int:
 
 
 @contextmanager
+def run_server(
+    command: Sequence[str],
+    port: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    cpus: str | None = None,
+    ready_path: str = "/v2/health/ready",
+    ready_timeout_seconds: float = 120,
+) -> Iterator[int]:
+    """Run `command` (a server listening on `port`); yield its pid once `GET ready_path` answers 200.
+
+    Args:
+        cpus: pin the server to these CPUs (`taskset -c`), e.g. "0".
+    """
+    pinned = ["taskset", "-c", cpus] if cpus is not None else []
+    process = subprocess.Popen(
+        [*pinned, *command], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + ready_timeout_seconds
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                connection.request("GET", ready_path)
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"server did not become ready: {' '.join(command)}")
+            time.sleep(0.1)
+        yield process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
 def serve_subprocess(
     repository: Path,
     settings: dict[str, str],
     *,
     source: Path | None = None,
+    cpus: str | None = None,
     ready_timeout_seconds: float = 120,
 ) -> Iterator[tuple[int, int]]:
-    """Start a server on a free port with `MODELSERVE_*` `settings`; yield (port, pid) once it is ready.
+    """Start `modelserve serve` on a free port with `MODELSERVE_*` `settings`; yield (port, pid) once ready.
 
     Args:
         repository: the model repository to serve.
         settings: extra environment variables (e.g. `MODELSERVE_BATCHING`).
         source: run the server from another source tree (for side-by-side comparisons).
+        cpus: pin the server to these CPUs (`taskset -c`).
         ready_timeout_seconds: longest wait for `/v2/health/ready` to answer 200.
     """
     port = free_port()
@@ -46,27 +92,8 @@ def serve_subprocess(
     }
     if source is not None:
         env["PYTHONPATH"] = str(source)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"],
-        cwd=source,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + ready_timeout_seconds
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                connection.request("GET", "/v2/health/ready")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.1)
-        yield port, process.pid
-    finally:
-        process.terminate()
-        process.wait(10)
+    command = [sys.executable, "-m", "app.cli", "serve"]
+    with run_server(
+        command, port, env=env, cwd=source, cpus=cpus, ready_timeout_seconds=ready_timeout_seconds
+    ) as pid:
+        yield port, pid

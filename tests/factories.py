@@ -107,6 +107,33 @@ def tabular_classifier(
     )
 
 
+def mlp_classifier(n_features: int, hidden: Sequence[int], n_classes: int = 10, seed: int = 5) -> BuiltModel:
+    """`features` [N, F] → (MatMul, Add, Relu) per hidden layer → MatMul, Add → softmax.
+
+    Weights are He-scaled so activations keep their size through the layers (the benchmark's models).
+    """
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    current, width = "features", n_features
+    for layer, size in enumerate([*hidden, n_classes]):
+        weights = (rng.normal(size=(width, size)) * np.sqrt(2 / width)).astype(np.float32)
+        bias = (rng.normal(size=size) * 0.1).astype(np.float32)
+        initializers += [_const(f"W{layer}", weights), _const(f"b{layer}", bias)]
+        nodes.append(helper.make_node("MatMul", [current, f"W{layer}"], [f"xw{layer}"]))
+        nodes.append(helper.make_node("Add", [f"xw{layer}", f"b{layer}"], [f"z{layer}"]))
+        current, width = f"z{layer}", size
+        if layer < len(hidden):
+            nodes.append(helper.make_node("Relu", [current], [f"h{layer}"]))
+            current = f"h{layer}"
+    _classifier_head(current, nodes)
+    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", n_features])]
+    outputs = _classifier_outputs(n_classes)
+    graph = helper.make_graph(nodes, "mlp", inputs, outputs, initializers)
+    labels = [str(i) for i in range(n_classes)]
+    return BuiltModel(_finish(graph), "classification", "tabular", _specs(inputs), _specs(outputs), labels)
+
+
 def tabular_regressor(n_features: int = 3, seed: int = 1) -> BuiltModel:
     """`features` [N, F] → `value` [N] = x w + b."""
     rng = np.random.default_rng(seed)
