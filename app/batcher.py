@@ -18,6 +18,8 @@ The rules (each is tested in `tests/serving/test_batcher.py`):
 * Outputs are split back per request after checking that every output has one row per input row. A batch
   that fails fails only its own requests. Callers that went away are skipped; results are only set on
   futures that are not done yet.
+* Two ways to end: `stop()` (shutdown) answers whatever waits with `NotReady` at once; `close()` (a model
+  version being retired) refuses new requests and returns once every queued and running one has finished.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class Batcher:
     """The queue and the worker task of one model.
 
     Use `start()` inside a running loop, `await submit(...)` from request handlers, `await stop()` at
-    shutdown (fails whatever still waits with `NotReady`).
+    shutdown (fails whatever still waits with `NotReady`) or `await close()` to drain it gracefully.
     """
 
     def __init__(
@@ -136,11 +138,19 @@ class Batcher:
         self._in_flight: list[_Request] = []
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._refusal = ""  # the `NotReady` message once stopped or closed
+        self._active_at = 0.0  # loop time of the last submission or finished batch
 
     @property
     def queued_rows(self) -> int:
         """Rows waiting (foreground and background)."""
         return self._foreground_rows + self._background_rows
+
+    def idle_seconds(self) -> float:
+        """Seconds since the last submission or finished batch; 0 while rows wait or a batch runs."""
+        if self.queued_rows or self._in_flight:
+            return 0.0
+        return asyncio.get_running_loop().time() - self._active_at
 
     def start(self) -> None:
         """Start the worker task on the running loop (the reference is kept, so it is never collected)."""
@@ -153,9 +163,19 @@ class Batcher:
             # Never expected: every batch's errors are caught. Say so loudly rather than hang callers.
             logger.critical("batcher worker died", exc_info=task.exception(), extra={"model": self.name})
 
+    async def close(self, refusal: str) -> None:
+        """Refuse new requests (`NotReady` with `refusal`), let every queued and running one finish, then end
+        the worker. Background callers still waiting for queue space are refused too."""
+        self._closed, self._refusal = True, refusal
+        self._space.set()
+        self._arrived.set()  # a waiting worker runs what is queued now; an idle one ends
+        if self._task is not None:
+            await asyncio.wait({self._task})  # not `await task`: a `stop()` meanwhile cancels the task
+            self._task = None
+
     async def stop(self) -> None:
         """Stop the worker and answer every waiting or running request with `NotReady`."""
-        self._closed = True
+        self._closed, self._refusal = True, "the server is shutting down"
         self._space.set()  # background callers waiting for room see the batcher closed
         in_flight = list(self._in_flight)  # the worker clears its list when cancelled
         if self._task is not None:
@@ -166,9 +186,7 @@ class Batcher:
         for request in [*in_flight, *self._foreground, *self._background]:
             self._dequeue(request)
             if not request.future.done():
-                request.future.set_exception(
-                    NotReady("the server is shutting down", self.retry_after_seconds)
-                )
+                request.future.set_exception(NotReady(self._refusal, self.retry_after_seconds))
         self._foreground.clear()
         self._background.clear()
         self._in_flight = []
@@ -186,17 +204,17 @@ class Batcher:
         Raises:
             Overloaded: the queue is full (foreground only).
             DeadlineExceeded: waited longer than `queue_timeout_seconds` (foreground only).
-            NotReady: the batcher is stopped.
+            NotReady: the batcher is stopped or closed.
             InferenceFailed: the batch this request ran in failed.
         """
         if self._closed:
-            raise NotReady("the server is shutting down", self.retry_after_seconds)
+            raise NotReady(self._refusal, self.retry_after_seconds)
         if background:
             while self._background_rows and self._background_rows + rows > self.max_queue_rows:
                 self._space.clear()
                 await self._space.wait()
                 if self._closed:
-                    raise NotReady("the server is shutting down", self.retry_after_seconds)
+                    raise NotReady(self._refusal, self.retry_after_seconds)
         elif self._foreground_rows and self._foreground_rows + rows > self.max_queue_rows:
             hint = "retry later" if rows <= self.max_queue_rows else "send fewer rows per request"
             raise Overloaded(
@@ -208,6 +226,7 @@ class Batcher:
         request = _Request(
             inputs, rows, self._signature(inputs), loop.create_future(), loop.time(), background
         )
+        self._active_at = request.enqueued_at
         if background:
             self._background.append(request)
             self._background_rows += rows
@@ -266,6 +285,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             if self._oldest() is None:
+                if self._closed:
+                    return  # closed and drained
                 # Idle: the next request runs as soon as it arrives.
                 self._arrived.clear()
                 await self._arrived.wait()
@@ -277,7 +298,7 @@ class Batcher:
                 await self._execute(batch, loop)
 
     async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        while self.queued_rows < self.max_batch_rows:
+        while self.queued_rows < self.max_batch_rows and not self._closed:  # closed: no more rows will come
             oldest = self._oldest()
             if oldest is None:
                 return
@@ -339,6 +360,7 @@ class Batcher:
             return
         finally:
             self._in_flight = []
+            self._active_at = loop.time()
             if self._metrics is not None:
                 self._metrics.inference_duration.observe(seconds)
                 self._metrics.batch_rows.observe(sum(rows))

@@ -2,12 +2,24 @@
 
 `/predict`, `/evaluate` and the V2 routes differ only in how they decode requests and encode answers; they
 all find a model with `get_model`, run it with `infer`, and report state with `models`/`ready`.
+
+Versions come and go while requests run (`load`, `unload`, and the repository poll when
+`repository_poll_seconds` is set). A new version loads and warms up in the loader thread while the old one
+serves; then one step, with no await in it, makes it ready and retires the versions the policy no longer
+serves (the newest `served_versions` ready ones are served; a version whose folder is gone is not). A
+retired version still answers the requests that found it before the swap, until its batcher has been idle
+for `RETIRED_IDLE_SECONDS`; then the batcher closes and the core lets go of the model, so onnxruntime frees
+its session once the last of those requests is done. A version that fails to load replaces nothing: it is
+listed as failed, with its reason, and the versions already serving go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from app.batcher import Batcher, Tensors, split_rows
 from app.errors import ModelNotFound, NotReady
-from app.model_card import TensorSpec
+from app.model_card import CARD_FILENAME, ONNX_FILENAME, TensorSpec
 from app.observability import PrometheusMetrics
 from app.repository import LoadedModel, ModelLoadError, ModelSource, load_model, scan_repository
 from app.session import resolve_providers
@@ -27,6 +39,14 @@ logger = logging.getLogger(__name__)
 
 ModelState = Literal["loading", "ready", "failed", "unloaded"]
 
+RETIRED_IDLE_SECONDS = 2.0
+"""How long a retired version's batcher must go without a request before it closes: a request that found
+the version just before the swap may still be reading its body (V2) or between two pieces (`/evaluate`)."""
+FOLDER_REMOVED = "its folder was removed from the repository"
+
+# Inode, size and modification time of a version's card and graph (None: missing or unreadable).
+_Stamp = tuple[tuple[int, int, int] | None, ...]
+
 
 class ModelStatus(BaseModel):
     """One model version as `GET /models` (and the V2 repository index) reports it."""
@@ -35,7 +55,9 @@ class ModelStatus(BaseModel):
     version: int
     state: ModelState
     default: bool = Field(description="served when a request names no version")
-    reason: str | None = Field(default=None, description="why the version failed to load")
+    reason: str | None = Field(
+        default=None, description="why the version failed to load, or why it is not served"
+    )
     task: str | None = None
     labels: list[str] | None = None
     providers: list[str] = Field(default_factory=list, description="execution providers in use")
@@ -51,6 +73,24 @@ class _Entry:
     reason: str | None = None
     model: LoadedModel | None = None
     batcher: Batcher | None = None
+    retired: bool = False
+    """Not served by the version policy, or its folder is gone: a request naming it gets 404, not 503."""
+    removed: bool = False
+    """Its folder is gone: the entry is dropped once nothing runs on it."""
+    stamp: _Stamp = ()
+    """Its files when it was last loaded: the poll retries a failed version only once they change."""
+
+
+def _stamp(source: ModelSource) -> _Stamp:
+    stamps: list[tuple[int, int, int] | None] = []
+    for filename in (CARD_FILENAME, ONNX_FILENAME):
+        try:
+            info = os.stat(source.directory / filename)
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((info.st_ino, info.st_size, info.st_mtime_ns))
+    return tuple(stamps)
 
 
 class DataPlane:
@@ -64,13 +104,18 @@ class DataPlane:
         self._providers: list[str] = []
         self._executor: ThreadPoolExecutor | None = None
         self._background_executor: ThreadPoolExecutor | None = None
+        self._loader: ThreadPoolExecutor | None = None
         self._started = False
         self._stopping = False
-        self._lock = asyncio.Lock()  # serializes load/unload
+        self._lock = asyncio.Lock()  # serializes scans, loads and unloads
+        self._unloaded: set[str] = set()  # models unloaded on request: the poll leaves them unloaded
+        self._poll_task: asyncio.Task[None] | None = None
+        self._drains: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Scan the repository, load and warm up every version (a failure is recorded, not raised)."""
+        """Scan the repository, load and warm up the versions the policy serves (a failure is recorded, not
+        raised), then start the repository poll if one is set."""
         sources = scan_repository(self.settings.model_repository)
         self._providers = resolve_providers(self.settings.providers)
         # One batch runs at a time per model, so one thread per model (and a few spare) never queues.
@@ -84,36 +129,131 @@ class DataPlane:
             thread_name_prefix="inference-bulk",
             initializer=lower_thread_priority,
         )
-        for source in sources:
-            self._entries.setdefault(source.name, {})[source.version] = _Entry(source)
+        # Loads run one at a time in a thread of normal priority: onnxruntime's threads inherit it.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
         async with self._lock:
-            for source in sources:
-                await self._load(self._entries[source.name][source.version])
+            await self._apply_repository(sources, retry_failed=True)
         self._started = True
         if not sources:
             logger.warning("no models to serve", extra={"repository": str(self.settings.model_repository)})
+        if self.settings.repository_poll_seconds > 0:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
 
     async def stop(self) -> None:
-        """Stop every batcher (waiting requests get 503) and the inference threads."""
+        """Stop the poll and every batcher (waiting requests get 503), then the inference threads."""
         self._stopping = True
+        tasks = [*self._drains, *([self._poll_task] if self._poll_task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for versions in self._entries.values():
             for entry in versions.values():
                 if entry.batcher is not None:
                     await entry.batcher.stop()
-        for executor in (self._executor, self._background_executor):
+        for executor in (self._executor, self._background_executor, self._loader):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _load(self, entry: _Entry) -> None:
+    async def load(self, name: str) -> None:
+        """Rescan one model's folder now (the reload route, the V2 repository `load`).
+
+        New versions, and versions that failed or were unloaded, load in the background while the served
+        ones go on; each that loads is swapped in, and what the policy no longer serves is retired.
+
+        Raises:
+            ModelNotFound: no folder of that name in the repository (whatever it served is retired).
+        """
+        async with self._lock:
+            sources = [source for source in await self._scan() if source.name == name]
+            self._unloaded.discard(name)
+            await self._reconcile(name, sources, retry_failed=True)
+        if not sources:
+            raise ModelNotFound(f"no model {name!r} in the repository")
+
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of one model (requests already queued still finish); it stays
+        unloaded, even for the poll, until `load`.
+
+        Raises:
+            ModelNotFound: the model is not known.
+        """
+        async with self._lock:
+            versions = self._entries.get(name)
+            if versions is None:
+                raise ModelNotFound(f"unknown model {name!r}")
+            self._unloaded.add(name)
+            for entry in versions.values():
+                self._retire(name, entry, None, retired=False)
+
+    async def _poll(self) -> None:
+        """Rescan the whole repository every `repository_poll_seconds` (a failed scan is logged)."""
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_seconds)
+            try:
+                async with self._lock:
+                    await self._apply_repository(await self._scan(), retry_failed=False)
+            except Exception:
+                logger.exception("repository poll failed")
+
+    async def _scan(self) -> list[ModelSource]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._loader, scan_repository, self.settings.model_repository)
+
+    async def _apply_repository(self, sources: Sequence[ModelSource], *, retry_failed: bool) -> None:
+        """`_reconcile` every model found or known, but those unloaded on request (under the lock)."""
+        by_name: defaultdict[str, list[ModelSource]] = defaultdict(list)
+        for source in sources:
+            by_name[source.name].append(source)
+        for name in sorted(by_name.keys() | self._entries.keys()):
+            if name not in self._unloaded:
+                await self._reconcile(name, by_name[name], retry_failed=retry_failed)
+
+    async def _reconcile(self, name: str, sources: Sequence[ModelSource], *, retry_failed: bool) -> None:
+        """Bring one model in line with its folders (under the lock): load versions newest first until the
+        policy's count is ready, then retire the ready versions it no longer serves.
+
+        Args:
+            name: the model.
+            sources: its version folders now.
+            retry_failed: also reload a failed version whose files did not change (the poll does not).
+        """
+        versions = self._entries.setdefault(name, {})
+        on_disk = {source.version: source for source in sources}
+        for version, entry in list(versions.items()):
+            if version not in on_disk:
+                entry.removed = True  # a ready one serves until the policy retires it, below
+                if entry.batcher is None:
+                    del versions[version]
+        for version, source in on_disk.items():
+            if version not in versions:
+                versions[version] = _Entry(source, "unloaded", self._not_served_reason(), retired=True)
+        wanted = self.settings.served_versions or len(on_disk)
+        ready = 0
+        for version in sorted(on_disk, reverse=True):
+            if ready == wanted:
+                break
+            entry = versions[version]
+            if entry.state != "ready" and (
+                entry.state != "failed" or retry_failed or entry.stamp != _stamp(entry.source)
+            ):
+                entry = versions[version] = _Entry(on_disk[version])
+                await self._load(name, entry)
+            ready += entry.state == "ready"
+        self._apply_policy(name)
+        if not versions and self._entries.get(name) is versions:
+            del self._entries[name]
+
+    async def _load(self, name: str, entry: _Entry) -> None:
+        """Load and warm up one version in the loader thread, then publish it (or record its failure)."""
         source = entry.source
-        entry.state, entry.reason = "loading", None
+        entry.stamp = _stamp(source)
         loop = asyncio.get_running_loop()
         try:
             model = await loop.run_in_executor(
-                self._executor, load_model, source, self.settings, self._providers
+                self._loader, load_model, source, self.settings, self._providers
             )
         except Exception as err:
-            # A model that cannot load is reported and skipped; it never stops the others.
+            # A version that cannot load is reported and skipped; it never stops or replaces the others.
             reason = (
                 err.reason if isinstance(err, ModelLoadError) else f"unexpected {type(err).__name__}: {err}"
             )
@@ -124,9 +264,13 @@ class DataPlane:
                 extra={"model": source.name, "version": source.version, "reason": reason},
             )
             return
+        if self._stopping:
+            return
+        # The swap: from here on no await, so every request sees either the old versions or the new set.
         entry.model, entry.batcher = model, self._batcher_for(model)
         entry.batcher.start()
         entry.state = "ready"
+        self._apply_policy(name)
         self.metrics.model_load_seconds.labels(model=model.name, version=str(model.version)).set(
             model.load_seconds
         )
@@ -158,52 +302,70 @@ class DataPlane:
             name=model.name,
         )
 
-    async def load(self, name: str) -> None:
-        """(Re)load every version of one model from the repository (the V2 repository extension).
+    def _apply_policy(self, name: str) -> None:
+        """Retire the ready versions of `name` that are not served: beyond the newest `served_versions`
+        ready ones (0: every ready one is served), or whose folder is gone. Synchronous: part of the swap."""
+        versions = self._entries[name]
+        ready = sorted((v for v, e in versions.items() if e.state == "ready" and not e.removed), reverse=True)
+        count = self.settings.served_versions
+        served = set(ready[:count] if count else ready)
+        for version, entry in versions.items():
+            if entry.state == "ready" and version not in served:
+                self._retire(name, entry, FOLDER_REMOVED if entry.removed else self._not_served_reason())
 
-        Raises:
-            ModelNotFound: no folder of that name in the repository.
-        """
-        async with self._lock:
-            sources = [s for s in scan_repository(self.settings.model_repository) if s.name == name]
-            if not sources:
-                raise ModelNotFound(f"no model {name!r} in the repository")
-            await self._unload(name)
-            self._entries[name] = {s.version: _Entry(s) for s in sources}
-            for source in sources:
-                await self._load(self._entries[name][source.version])
+    def _not_served_reason(self) -> str:
+        count = self.settings.served_versions
+        return f"MODELSERVE_SERVED_VERSIONS={count} serves only the newest {count} version(s) that load"
 
-    async def unload(self, name: str) -> None:
-        """Stop serving every version of one model (requests waiting for it get 503).
+    def _retire(self, name: str, entry: _Entry, reason: str | None, *, retired: bool = True) -> None:
+        """Stop serving `entry` now; if it was serving, its batcher drains in the background."""
+        was_ready = entry.state == "ready"
+        entry.state, entry.reason, entry.retired = "unloaded", reason, retired
+        if was_ready:
+            task = asyncio.get_running_loop().create_task(
+                self._drain(name, entry), name=f"drain:{name}/{entry.source.version}"
+            )
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
 
-        Raises:
-            ModelNotFound: the model is not known.
-        """
-        async with self._lock:
-            if name not in self._entries:
-                raise ModelNotFound(f"unknown model {name!r}")
-            await self._unload(name)
-
-    async def _unload(self, name: str) -> None:
-        for entry in self._entries.get(name, {}).values():
-            if entry.batcher is not None:
-                await entry.batcher.stop()
-            entry.state, entry.model, entry.batcher = "unloaded", None, None
+    async def _drain(self, name: str, entry: _Entry) -> None:
+        """Let a retired version finish what it was given, then let go of its model."""
+        batcher = entry.batcher
+        assert batcher is not None  # a version that was ready has one
+        version = entry.source.version
+        try:
+            # Each sleep lasts until the batcher could first have been idle long enough: not a busy poll.
+            while (idle := batcher.idle_seconds()) < RETIRED_IDLE_SECONDS:  # noqa: ASYNC110
+                await asyncio.sleep(RETIRED_IDLE_SECONDS - idle)
+            await batcher.close(
+                f"model {name!r} version {version} was retired; retry to reach the served one"
+            )
+        except asyncio.CancelledError:
+            await batcher.stop()  # shutting down: whatever still waits gets 503
+            raise
+        entry.model, entry.batcher = None, None
+        versions = self._entries.get(name, {})
+        if entry.removed and versions.get(version) is entry:
+            del versions[version]
+            if not versions:
+                del self._entries[name]
+        current = versions.get(version)
+        # prometheus_client cannot remove a label from the files that worker processes share.
+        if (current is None or current.state != "ready") and self.settings.prometheus_multiproc_dir is None:
+            self.metrics.model_load_seconds.remove(name, str(version))
+        logger.info("model version released", extra={"model": name, "version": version})
 
     # ------------------------------------------------------------------------------------------ queries
     def ready(self) -> bool:
-        """Startup finished, not shutting down, and no version still loading (failed ones do not block)."""
-        if not self._started or self._stopping:
-            return False
-        return all(
-            entry.state != "loading" for versions in self._entries.values() for entry in versions.values()
-        )
+        """Startup loaded what it serves, and the server is not shutting down (failed versions do not block,
+        and nor do later loads: the versions they would replace serve meanwhile)."""
+        return self._started and not self._stopping
 
     def get_model(self, name: str, version: int | None = None) -> LoadedModel:
         """The version a request asks for: the named one, or the highest ready one.
 
         Raises:
-            ModelNotFound: unknown model, or a version it does not have.
+            ModelNotFound: unknown model, a version it does not have, or one it does not serve.
             NotReady: the version (or every version) is loading, failed or unloaded.
         """
         versions = self._entries.get(name)
@@ -218,6 +380,11 @@ class DataPlane:
         entry = versions.get(version)
         if entry is None:
             raise ModelNotFound(f"model {name!r} has no version {version}; it has {sorted(versions)}")
+        if entry.retired:
+            served = sorted(v for v, other in versions.items() if other.state == "ready")
+            raise ModelNotFound(
+                f"model {name!r} version {version} is not served ({entry.reason}); versions served: {served}"
+            )
         if entry.state != "ready" or entry.model is None:
             raise self._not_ready(name, entry)
         return entry.model
@@ -238,7 +405,7 @@ class DataPlane:
             default = max(ready) if ready else None
             for version in sorted(versions):
                 entry = versions[version]
-                model = entry.model
+                model = entry.model if entry.state == "ready" else None
                 statuses.append(
                     ModelStatus(
                         name=name,

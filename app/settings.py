@@ -67,8 +67,15 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(default=1, ge=1)
     """Threads onnxruntime uses to run independent operators in parallel."""
 
+    repository_poll_seconds: float = Field(default=0.0, ge=0.0)
+    """Rescan the repository this often and swap new or removed versions in and out (0: never)."""
+    served_versions: int = Field(default=1, ge=0)
+    """Serve the newest N versions that load of each model (0: every version)."""
+    admin_api_key: SecretStr | None = None
+    """Set = the admin routes (reload, the V2 repository extension) are on and need
+    `Authorization: Bearer <admin key>`; the API key does not open them."""
     enable_repository_api: bool = False
-    """Expose the V2 repository extension (index, load, unload): an admin surface, off by default."""
+    """Turn the admin routes on without an admin key: the API key (if any) guards them like other routes."""
 
     prometheus_multiproc_dir: Path | None = Field(
         default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")

@@ -4,7 +4,8 @@
   `clf` (3-class classifier, versions 1 and 2), `reg` (regressor), `multi` (inputs `a` and `b`),
   `img` (image classifier [N, 1, 4, 4]), `seq` (sequence classifier with `sequence` + `mask`).
   Copy it (`tests.factories.copy_repository`) before changing anything in it.
-* `settings`: `Settings` serving that repository (small batch delay, no API key).
+* `settings`: `Settings` serving that repository (small batch delay, no API key, every version served so
+  that a request may name either `clf` version).
 * `app` / `client`: the app from the factory, and a `TestClient` with the lifespan run (models loaded).
 * `live_server`: a real uvicorn on a free port serving the repository; yields the base URL.
 """
@@ -32,7 +33,12 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def settings(model_repository: Path) -> Settings:
     """Settings for the fixture repository; tests may `settings.model_copy(update=...)`."""
-    return Settings(model_repository=model_repository, max_batch_delay_seconds=0.002, access_log=False)
+    return Settings(
+        model_repository=model_repository,
+        max_batch_delay_seconds=0.002,
+        access_log=False,
+        served_versions=0,
+    )
 
 
 @pytest.fixture

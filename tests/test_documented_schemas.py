@@ -54,7 +54,8 @@ def api(model_repository: Any) -> Any:
     from app.main import create_app
     from app.settings import Settings
 
-    app = create_app(Settings(model_repository=model_repository, access_log=False))
+    # every version served: the documented examples name `clf` version 1
+    app = create_app(Settings(model_repository=model_repository, access_log=False, served_versions=0))
     with TestClient(app) as client:
         yield client, client.get("/openapi.json").json()
 

@@ -1,13 +1,18 @@
-"""`GET /models`, the V2 health probes and `GET /metrics` (plain FastAPI routes: not on the hot path)."""
+"""`GET /models`, `POST /models/{name}/reload` (admin), the V2 health probes and `GET /metrics` (plain FastAPI
+routes: not on the hot path)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Request, Security
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.schemas import LiveResponse, ModelsResponse, ReadyResponse
 from app.dataplane import DataPlane
+from app.http.admin import ADMIN_KEY, require_admin
 from app.http.errors import ErrorResponse
 from app.observability import PrometheusMetrics
 
@@ -21,8 +26,34 @@ def _dataplane(request: Request) -> DataPlane:
 
 @router.get("/models", tags=["models"], summary="Every model, its versions and state")
 async def list_models(request: Request) -> ModelsResponse:
-    """Versions, state (loading/ready/failed/unloaded), failure reason, providers and input schema."""
+    """Versions, state (loading/ready/failed/unloaded), why a version failed or is not served, providers and
+    input schema."""
     return ModelsResponse(models=_dataplane(request).models())
+
+
+@router.post(
+    "/models/{name}/reload",
+    tags=["models"],
+    summary="Reload one model from the repository (admin)",
+    responses={
+        401: {"model": ErrorResponse, "description": "Missing or wrong admin key"},
+        403: {"model": ErrorResponse, "description": "The admin routes are disabled"},
+        404: {"model": ErrorResponse, "description": "No folder of that name in the repository"},
+    },
+)
+async def reload_model(
+    name: str,
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_KEY)],
+) -> ModelsResponse:
+    """Rescan the model's folder now: new versions, and versions that failed or were unloaded, load and warm
+    up while the served ones go on, then swap in; versions the policy no longer serves, or whose folder is
+    gone, retire once their requests are done. Answers the model's versions and their state afterwards (a
+    version that failed shows `failed` and its reason; it replaced nothing)."""
+    dataplane = _dataplane(request)
+    require_admin(dataplane.settings, credentials)
+    await dataplane.load(name)
+    return ModelsResponse(models=[status for status in dataplane.models() if status.name == name])
 
 
 @router.get("/v2/health/live", tags=["health"], summary="Liveness")
@@ -40,7 +71,8 @@ async def live() -> LiveResponse:
     responses={503: {"model": ReadyResponse, "description": "Not ready (see Retry-After)"}},
 )
 async def ready(request: Request) -> ReadyResponse | JSONResponse:
-    """Ready when every loadable model is loaded and warmed up (models that failed to load do not block)."""
+    """Ready once startup has loaded and warmed up the versions it serves (versions that failed to load do not
+    block, nor do versions loading later: the ones they would replace serve meanwhile)."""
     dataplane = _dataplane(request)
     if dataplane.ready():
         return ReadyResponse(ready=True)

@@ -5,5 +5,6 @@
 * `params`: request values every protocol reads the same way (the model version).
 * `errors`: the one table from domain errors to HTTP answers, and the `ErrorResponse` schema.
 * `middleware`: request id, API key check and access log, once for every request.
+* `admin`: who may call the admin routes (reload, the V2 repository extension).
 * `openapi`: the one way to document a raw route (`Operation`) and to mount it (`add_raw_route`).
 """

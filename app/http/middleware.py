@@ -2,7 +2,8 @@
 
 * `X-Request-ID` from the client is kept (if it looks like an id) or a new one is made; it is echoed in
   the response and put in a contextvar so every log line of the request carries it.
-* With an API key set, every path but health and metrics needs `Authorization: Bearer <key>`.
+* With an API key set, every path but health and metrics needs `Authorization: Bearer <key>`; admin routes
+  guarded by the admin key are left to it (`app.http.admin`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import Unauthorized
+from app.http.admin import guarded_by_admin_key
 from app.http.asgi import JSON_HEADER
 from app.http.errors import error_parts
 from app.observability import request_id_var
@@ -34,6 +36,7 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         """Wrap `app`; the API key and access-log switch come from `settings`."""
         self.app = app
+        self._settings = settings
         key = settings.api_key.get_secret_value() if settings.api_key else ""
         self._expected = f"Bearer {key}".encode() if key else None
         self._access_log = settings.access_log
@@ -67,6 +70,7 @@ class RequestContextMiddleware:
             if (
                 self._expected is not None
                 and scope["path"] not in PUBLIC_PATHS
+                and not guarded_by_admin_key(self._settings, scope["path"])
                 and not hmac.compare_digest(authorization, self._expected)
             ):
                 code, body, headers = error_parts(

@@ -30,7 +30,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 TAG: Final = "Open Inference Protocol (V2)"
 ERROR_DESCRIPTIONS: Final = {
     400: "Invalid request (shape, datatype, name, malformed body)",
-    403: "The repository extension is disabled",
+    401: "Missing or wrong admin key (when MODELSERVE_ADMIN_API_KEY is set)",
+    403: "The admin routes are disabled",
     404: "Unknown model or version",
     413: "Body over the size limit",
     415: "Unsupported Content-Encoding",

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app import __version__
+from app.http.admin import admin_enabled
 from app.model_card import TensorSpec
 from app.v2.datatypes import DATATYPE_TO_CONFIG_TYPE, to_datatype
 from app.v2.endpoint import dataplane_of, json_response, model_of, v2_route
@@ -26,14 +27,14 @@ EXTENSIONS: Final = (
     "parameters",
 )
 REPOSITORY_EXTENSION: Final = "model_repository"
-"""Listed only when settings enable it."""
+"""Listed only when the admin routes are on (`app.http.admin.admin_enabled`)."""
 
 
 @v2_route("GET", "/v2", summary="Server metadata", answer=V2ServerMetadata, errors=())
 async def server_metadata(request: Request) -> Response:
     """Name, version and the protocol extensions this server speaks."""
     extensions = list(EXTENSIONS)
-    if dataplane_of(request).settings.enable_repository_api:
+    if admin_enabled(dataplane_of(request).settings):
         extensions.append(REPOSITORY_EXTENSION)
     return json_response({"name": SERVER_NAME, "version": __version__, "extensions": extensions})
 

@@ -1,5 +1,7 @@
-"""Triton's model repository extension (an admin surface, off unless settings enable it):
-`POST /v2/repository/index`, `/v2/repository/models/{model}/load` and `/unload`."""
+"""Triton's model repository extension (admin routes, off by default; `app.http.admin` says who may call
+them): `POST /v2/repository/index`, `/v2/repository/models/{model}/load` and `/unload`.
+
+`load` swaps new versions in without a gap (see `DataPlane.load`); `unload` lets queued requests finish."""
 
 from __future__ import annotations
 
@@ -10,14 +12,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.dataplane import DataPlane
-from app.errors import FeatureDisabled, InvalidInput
+from app.errors import InvalidInput
+from app.http.admin import ADMIN_KEY, require_admin
 from app.http.asgi import read_body
 from app.v2.endpoint import dataplane_of, json_response, v2_route
 
-REPOSITORY_DISABLED: Final = (
-    "the model repository extension (index, load, unload) is disabled; "
-    "set MODELSERVE_ENABLE_REPOSITORY_API=true to enable it"
-)
 _REPOSITORY_STATES: Final = {
     "ready": "READY",
     "loading": "LOADING",
@@ -26,10 +25,10 @@ _REPOSITORY_STATES: Final = {
 }
 
 
-@v2_route("POST", "/v2/repository/index", summary="Repository index (admin)", errors=(400, 403))
+@v2_route("POST", "/v2/repository/index", summary="Repository index (admin)", errors=(400, 401, 403))
 async def repository_index(request: Request) -> Response:
     """Every model version in the repository with its state (`{"ready": true}` keeps only ready ones)."""
-    dataplane = _repository(request)
+    dataplane = await _repository(request)
     options = await _options(request, dataplane)
     ready_only = options.get("ready", False) is True
     index = [
@@ -46,11 +45,15 @@ async def repository_index(request: Request) -> Response:
 
 
 @v2_route(
-    "POST", "/v2/repository/models/{model}/load", summary="Load a model (admin)", errors=(400, 403, 404)
+    "POST",
+    "/v2/repository/models/{model}/load",
+    summary="Load a model (admin)",
+    errors=(400, 401, 403, 404),
 )
 async def repository_load(request: Request) -> Response:
-    """(Re)load every version of a model from the repository folder; 400 if none of them loads."""
-    dataplane = _repository(request)
+    """Rescan a model's folder: new, failed and unloaded versions load while the served ones go on, then
+    swap in; 400 if no version of the model is ready afterwards."""
+    dataplane = await _repository(request)
     name = request.path_params["model"]
     options = await _options(request, dataplane)
     if options.get("parameters"):
@@ -58,28 +61,31 @@ async def repository_load(request: Request) -> Response:
             "load takes no parameters here (no config override or files); put the model on disk"
         )
     await dataplane.load(name)
-    failed = [status for status in dataplane.models() if status.name == name and status.state != "ready"]
-    if failed and len(failed) == len([status for status in dataplane.models() if status.name == name]):
-        reasons = "; ".join(f"version {status.version}: {status.reason}" for status in failed)
+    statuses = [status for status in dataplane.models() if status.name == name]
+    if not any(status.state == "ready" for status in statuses):
+        reasons = "; ".join(f"version {status.version}: {status.reason}" for status in statuses)
         raise InvalidInput(f"model {name!r} failed to load: {reasons}")
     return Response(status_code=200)
 
 
 @v2_route(
-    "POST", "/v2/repository/models/{model}/unload", summary="Unload a model (admin)", errors=(400, 403, 404)
+    "POST",
+    "/v2/repository/models/{model}/unload",
+    summary="Unload a model (admin)",
+    errors=(400, 401, 403, 404),
 )
 async def repository_unload(request: Request) -> Response:
-    """Stop serving every version of a model."""
-    dataplane = _repository(request)
+    """Stop serving every version of a model (requests already queued finish); it stays unloaded until
+    loaded again, even by the repository poll."""
+    dataplane = await _repository(request)
     await _options(request, dataplane)
     await dataplane.unload(request.path_params["model"])
     return Response(status_code=200)
 
 
-def _repository(request: Request) -> DataPlane:
+async def _repository(request: Request) -> DataPlane:
     dataplane = dataplane_of(request)
-    if not dataplane.settings.enable_repository_api:
-        raise FeatureDisabled(REPOSITORY_DISABLED)
+    require_admin(dataplane.settings, await ADMIN_KEY(request))
     return dataplane
 
 

@@ -41,9 +41,14 @@ def repo(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="module")
 def client(repo: Path) -> Iterator[TestClient]:
-    """A client over `repo` with a batch of 16 rows, so evaluations span many batches."""
+    """A client over every version of `repo` (tests name `clf` version 1) with a batch of 16 rows, so
+    evaluations span many batches."""
     settings = Settings(
-        model_repository=repo, max_batch_delay_seconds=0.001, max_batch_rows=16, access_log=False
+        model_repository=repo,
+        max_batch_delay_seconds=0.001,
+        max_batch_rows=16,
+        access_log=False,
+        served_versions=0,
     )
     with TestClient(create_app(settings)) as test_client:
         yield test_client

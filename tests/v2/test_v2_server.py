@@ -105,8 +105,10 @@ def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[str]:
-    """host:port of a real uvicorn serving `repository` with the repository extension on."""
-    settings = Settings(model_repository=repository, access_log=False, enable_repository_api=True)
+    """host:port of a real uvicorn serving every version of `repository`, the repository extension on."""
+    settings = Settings(
+        model_repository=repository, access_log=False, enable_repository_api=True, served_versions=0
+    )
     with serve_in_thread(create_app(settings)) as url:
         yield url.removeprefix("http://")
 
