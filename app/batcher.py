@@ -327,7 +327,7 @@ class Batcher:
         now = loop.time()
         if self._metrics is not None:
             for request in batch:
-                self._metrics.queue_duration.observe(now - request.enqueued_at)
+                self._metrics.queued(now - request.enqueued_at)
         rows = [request.rows for request in batch]
         self._in_flight = batch
         seconds = 0.0
@@ -350,8 +350,7 @@ class Batcher:
         finally:
             self._in_flight = []
             if self._metrics is not None:
-                self._metrics.inference_duration.observe(seconds)
-                self._metrics.batch_rows.observe(sum(rows))
+                self._metrics.ran(seconds, sum(rows))
         for request, piece in zip(batch, pieces, strict=True):
             if not request.future.done():
                 request.future.set_result(piece)

@@ -67,6 +67,9 @@ class DataPlane:
         self._started = False
         self._stopping = False
         self._lock = asyncio.Lock()  # serializes load/unload
+        self.interactive_requests = 0
+        """Requests of the interactive endpoints (`/predict`, V2 inference) being answered in this process:
+        the front counts them, bulk work (`/evaluate`) yields to them."""
 
     # ---------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:

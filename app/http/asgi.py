@@ -113,12 +113,3 @@ class RequestBody:
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole request body, at most `limit` bytes (see `RequestBody.read`)."""
     return await RequestBody(scope, receive).read(limit)
-
-
-async def send_json(send: Send, status: int, body: bytes, headers: Headers | None = None) -> None:
-    """Send a complete JSON response."""
-    response_headers = [JSON_HEADER, (b"content-length", str(len(body)).encode())]
-    if headers:
-        response_headers.extend(headers)
-    await send({"type": "http.response.start", "status": status, "headers": response_headers})
-    await send({"type": "http.response.body", "body": body})
