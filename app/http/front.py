@@ -176,15 +176,18 @@ class Front:
                 # Probes and scrapes come every few seconds: they are logged only at debug level.
                 level = logging.DEBUG if path in PUBLIC_PATHS else logging.INFO
                 if access_logger.isEnabledFor(level):
-                    access_logger.log(
-                        level,
-                        "request",
-                        extra={
-                            "method": scope["method"],
-                            "path": path,
-                            "status": status,
-                            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                        },
+                    extra = {
+                        "method": scope["method"],
+                        "path": path,
+                        "status": status,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    }
+                    # `access_logger.log` without its search of the caller's source line (a tenth of the
+                    # line's cost; the JSON log does not show it).
+                    access_logger.handle(
+                        access_logger.makeRecord(
+                            access_logger.name, level, "", 0, "request", (), None, extra=extra
+                        )
                     )
             request_id_var.reset(token)
 
