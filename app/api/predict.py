@@ -56,8 +56,8 @@ def parse_request(body: bytes) -> tuple[str, int | None, Any, int | None]:
         raise InvalidInput(f"malformed JSON: {err}") from err
     if not isinstance(document, dict):
         raise InvalidInput('body: expected a JSON object {"model": "<name>", "inputs": [...]}')
-    unknown = sorted(set(document) - _FIELDS)
-    if unknown:
+    if not _FIELDS.issuperset(document):
+        unknown = sorted(set(document) - _FIELDS)
         raise InvalidInput(f"body: unknown field(s) {unknown}; expected {sorted(_FIELDS)}")
     model = document.get("model")
     if not isinstance(model, str) or not model:

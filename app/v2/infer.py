@@ -8,6 +8,7 @@ Triton's classification extension, `Accept-Encoding`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Final
 
@@ -101,9 +102,8 @@ def _header_length(request: HotRequest) -> int | None:
 
 def _check_datatypes(model: LoadedModel, request: InferenceRequest) -> None:
     """Refuse a datatype that differs from the graph's (as Triton does) instead of casting silently."""
-    specs = {spec.name: spec for spec in model.inputs}
     for name, datatype in request.datatypes.items():
-        spec = specs.get(name)
+        spec = next((spec for spec in model.inputs if spec.name == name), None)
         if spec is None:
             raise InvalidInput(f"unknown input {name!r}; model {model.name!r} takes {model.input_names}")
         expected = to_datatype(spec.dtype)
@@ -115,13 +115,19 @@ def _check_datatypes(model: LoadedModel, request: InferenceRequest) -> None:
 
 def _requested_outputs(model: LoadedModel, request: InferenceRequest) -> tuple[RequestedOutput, ...]:
     if not request.outputs:
-        return tuple(RequestedOutput(name) for name in model.output_names)
+        return tuple(_every(name) for name in model.output_names)
     for output in request.outputs:
         if output.name not in model.output_names:
             raise InvalidInput(
                 f"unknown output {output.name!r}; model {model.name!r} has {model.output_names}"
             )
     return request.outputs
+
+
+@functools.cache
+def _every(output: str) -> RequestedOutput:
+    """An output a request that names none gets (made once per output name)."""
+    return RequestedOutput(output)
 
 
 def _output(
