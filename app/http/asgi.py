@@ -68,9 +68,8 @@ class RequestBody:
             ClientDisconnected: the client went away mid-body.
         """
         declared = header(self._scope, b"content-length")
-        too_large = f"request body over the limit of {limit} bytes; send fewer rows per request"
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(too_large)
+            raise PayloadTooLarge(_too_large(limit))
         chunks: list[bytes] = []
         size = 0
         while not self.done:
@@ -81,7 +80,7 @@ class RequestBody:
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(too_large)
+                raise PayloadTooLarge(_too_large(limit))
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -108,6 +107,10 @@ class RequestBody:
             size += len(piece)
             if size > limit:
                 return
+
+
+def _too_large(limit: int) -> str:
+    return f"request body over the limit of {limit} bytes; send fewer rows per request"
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

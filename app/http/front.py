@@ -170,7 +170,7 @@ class Front:
             ):
                 status = await self._refuse(send, request_id)
             else:
-                status = await self._dispatch(scope, receive, send, request_id)
+                status = await self._dispatch(scope, receive, send, request_id, started)
         finally:
             if self._access_log:
                 # Probes and scrapes come every few seconds: they are logged only at debug level.
@@ -191,13 +191,17 @@ class Front:
                     )
             request_id_var.reset(token)
 
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send, request_id: bytes) -> int:
+    async def _dispatch(
+        self, scope: Scope, receive: Receive, send: Send, request_id: bytes, started: float
+    ) -> int:
         method = scope["method"]
         for served in self._routes:
             if served.method == method:
                 match = served.path.match(scope["path"])
                 if match is not None:
-                    return await self._serve(served, match.groupdict(), scope, receive, send, request_id)
+                    return await self._serve(
+                        served, match.groupdict(), scope, receive, send, request_id, started
+                    )
         return await self._forward(scope, receive, send, request_id)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, request_id: bytes) -> int:
@@ -222,9 +226,12 @@ class Front:
         receive: Receive,
         send: Send,
         request_id: bytes | None,
+        started: float,
     ) -> int:
-        """Answer a hot route (every error becomes its answer here) and record its metrics; the status."""
-        started = time.perf_counter()
+        """Answer a hot route (every error becomes its answer here) and record its metrics; the status.
+
+        `started` is when the request came in (`time.perf_counter`).
+        """
         route, metrics = served.route, served.metrics
         request = HotRequest(scope, receive, path_params, self._dataplane)
         metrics.in_flight.inc()
@@ -276,4 +283,6 @@ class _Mounted:
         self._served = served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._front._serve(self._served, scope["path_params"], scope, receive, send, None)
+        await self._front._serve(
+            self._served, scope["path_params"], scope, receive, send, None, time.perf_counter()
+        )
