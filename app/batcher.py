@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,9 +60,13 @@ def split_rows(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[T
             )
     if len(rows) == 1:
         return [dict(outputs)]
-    offsets = np.cumsum(rows)[:-1]
-    pieces = {name: np.split(value, offsets) for name, value in outputs.items()}
-    return [{name: pieces[name][i] for name in outputs} for i in range(len(rows))]
+    pieces = []
+    start = 0
+    for count in rows:
+        stop = start + count
+        pieces.append({name: value[start:stop] for name, value in outputs.items()})
+        start = stop
+    return pieces
 
 
 @dataclass(eq=False, slots=True)
@@ -74,7 +78,6 @@ class _Request:
     enqueued_at: float
     background: bool
     queued: bool = True  # false once taken into a batch, expired, or abandoned by its caller
-    timer: asyncio.TimerHandle | None = field(default=None)
 
 
 class Batcher:
@@ -136,6 +139,8 @@ class Batcher:
         self._arrived = asyncio.Event()  # set on every submission: wakes an idle or waiting worker
         self._space = asyncio.Event()  # set whenever rows leave the queue: wakes waiting background callers
         self._in_flight: list[_Request] = []
+        # One timer for all foreground deadlines: the oldest queued request's (the queue is deadline-ordered).
+        self._expiry: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._refusal = ""  # the `NotReady` message once stopped or closed
@@ -172,11 +177,13 @@ class Batcher:
         if self._task is not None:
             await asyncio.wait({self._task})  # not `await task`: a `stop()` meanwhile cancels the task
             self._task = None
+        self._cancel_expiry()  # the queue is empty; a pending timer would keep this batcher (and model) alive
 
     async def stop(self) -> None:
         """Stop the worker and answer every waiting or running request with `NotReady`."""
         self._closed, self._refusal = True, "the server is shutting down"
         self._space.set()  # background callers waiting for room see the batcher closed
+        self._cancel_expiry()
         in_flight = list(self._in_flight)  # the worker clears its list when cancelled
         if self._task is not None:
             self._task.cancel()
@@ -190,6 +197,7 @@ class Batcher:
         self._foreground.clear()
         self._background.clear()
         self._in_flight = []
+        self._report_queue()
 
     async def submit(
         self, inputs: Mapping[str, np.ndarray], rows: int, *, background: bool = False
@@ -233,45 +241,63 @@ class Batcher:
         else:
             self._foreground.append(request)
             self._foreground_rows += rows
-            request.timer = loop.call_at(
-                request.enqueued_at + self.queue_timeout_seconds, self._expire, request
-            )
+            if self._expiry is None:
+                deadline = request.enqueued_at + self.queue_timeout_seconds
+                self._expiry = loop.call_at(deadline, self._expire, deadline)
         self._report_queue()
         self._arrived.set()
         try:
             return await request.future
         finally:
             # The caller went away (cancelled) while queued: give its rows back to the queue bound.
-            self._dequeue(request)
+            if request.queued:
+                self._dequeue(request)
+                self._report_queue()
 
     # ------------------------------------------------------------------------------------------ internals
     def _dequeue(self, request: _Request) -> None:
+        """Take a request's rows out of the queue bound (its caller reports the queue once it is done)."""
         if not request.queued:
             return
         request.queued = False
-        if request.timer is not None:
-            request.timer.cancel()
         if request.background:
             self._background_rows -= request.rows
         else:
             self._foreground_rows -= request.rows
         self._space.set()
-        self._report_queue()
 
     def _report_queue(self) -> None:
         if self._metrics is not None:
             self._metrics.queue_rows.set(self.queued_rows)
 
-    def _expire(self, request: _Request) -> None:
-        if request.queued:
-            self._dequeue(request)
-            if not request.future.done():
-                request.future.set_exception(
-                    DeadlineExceeded(
-                        f"waited {self.queue_timeout_seconds:g} s in the queue of model {self.name!r}; "
-                        "the server is overloaded"
+    def _cancel_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _expire(self, due: float) -> None:
+        """Fail the foreground requests whose deadline is `due` or past, then wait for the next deadline."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        due = max(due, loop.time())
+        queue = self._foreground
+        while queue:
+            request = queue[0]
+            deadline = request.enqueued_at + self.queue_timeout_seconds
+            if request.queued and deadline > due:
+                self._expiry = loop.call_at(deadline, self._expire, deadline)
+                break
+            queue.popleft()
+            if request.queued:
+                self._dequeue(request)
+                if not request.future.done():
+                    request.future.set_exception(
+                        DeadlineExceeded(
+                            f"waited {self.queue_timeout_seconds:g} s in the queue of model {self.name!r}; "
+                            "the server is overloaded"
+                        )
                     )
-                )
+        self._report_queue()
 
     def _oldest(self) -> _Request | None:
         """The oldest request still queued (dropping abandoned ones from the front)."""
@@ -294,6 +320,7 @@ class Batcher:
                 # Requests queued while the last batch ran: wait for a full batch or the oldest's deadline.
                 await self._wait_for_batch(loop)
             batch = self._take()
+            self._report_queue()
             if batch:
                 await self._execute(batch, loop)
 
@@ -338,7 +365,7 @@ class Batcher:
         now = loop.time()
         if self._metrics is not None:
             for request in batch:
-                self._metrics.queue_duration.observe(now - request.enqueued_at)
+                self._metrics.queued(now - request.enqueued_at)
         rows = [request.rows for request in batch]
         self._in_flight = batch
         seconds = 0.0
@@ -362,8 +389,7 @@ class Batcher:
             self._in_flight = []
             self._active_at = loop.time()
             if self._metrics is not None:
-                self._metrics.inference_duration.observe(seconds)
-                self._metrics.batch_rows.observe(sum(rows))
+                self._metrics.ran(seconds, sum(rows))
         for request, piece in zip(batch, pieces, strict=True):
             if not request.future.done():
                 request.future.set_result(piece)

@@ -111,6 +111,9 @@ class DataPlane:
         self._unloaded: set[str] = set()  # models unloaded on request: the poll leaves them unloaded
         self._poll_task: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[None]] = set()
+        self.interactive_requests = 0
+        """Requests of the interactive endpoints (`/predict`, V2 inference) being answered in this process:
+        the front counts them, bulk work (`/evaluate`) yields to them."""
 
     # ---------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:

@@ -12,12 +12,13 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api import routes
-from app.api.predict import PREDICT_OPERATION, PredictEndpoint
+from app.api.predict import ENDPOINT as PREDICT_ENDPOINT
+from app.api.predict import PREDICT_OPERATION, predict
 from app.dataplane import DataPlane
 from app.evaluate import routes as evaluate_routes
 from app.http.errors import install_exception_handlers
-from app.http.middleware import RequestContextMiddleware
-from app.http.openapi import add_raw_route, install_openapi
+from app.http.front import Front, HotRoute
+from app.http.openapi import install_openapi
 from app.observability import PrometheusMetrics
 from app.settings import Settings
 from app.v2 import routes as v2_routes
@@ -32,7 +33,7 @@ Errors are `{"error": "<message>"}` with the status that fits (400, 401, 404, 41
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> Front:
     """Build the service.
 
     Args:
@@ -40,8 +41,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             `uvicorn --factory app.main:create_app` and every worker process build it.
 
     Returns:
-        The FastAPI app. `app.state` holds `settings`, `metrics` (app-own Prometheus registry) and
-        `dataplane` (the core every route calls); the lifespan loads and warms up the models.
+        The ASGI app: the front (`app.http.front`) before the FastAPI app. `app.state` (the FastAPI app's)
+        holds `settings`, `metrics` (app-own Prometheus registry) and `dataplane` (the core every route
+        calls); the lifespan loads and warms up the models.
     """
     settings = settings or Settings()
     metrics = PrometheusMetrics(settings.prometheus_multiproc_dir)
@@ -70,17 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.dataplane = dataplane
     install_exception_handlers(app)
     install_openapi(app)
-    app.add_middleware(RequestContextMiddleware, settings=settings)
+    front = Front(app, settings, metrics, dataplane)
 
-    add_raw_route(
-        app,
-        "/predict",
-        PredictEndpoint(dataplane, metrics, settings.max_body_bytes),
-        method="POST",
-        operation=PREDICT_OPERATION,
+    front.add_route(
+        "/predict", HotRoute(predict, PREDICT_ENDPOINT), method="POST", operation=PREDICT_OPERATION
     )
     app.include_router(routes.router)
     # Routers of the other parts, one line each:
-    v2_routes.install(app)
-    evaluate_routes.install(app)
-    return app
+    v2_routes.install(front)
+    evaluate_routes.install(front)
+    return front

@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 # Latency buckets from 100 µs to 10 s: /predict on a small model answers in well under a millisecond.
@@ -31,14 +34,93 @@ UNKNOWN_MODEL = "unknown"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
+class ModelStatistics:
+    """Plain running totals of one model name in this process, kept beside its Prometheus metrics for what
+    reads them back (the V2 statistics extension): answered requests by outcome, time queued, onnxruntime
+    calls. Times are in nanoseconds."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    compute_count: int = 0
+    compute_ns: int = 0
+    inference_count: int = 0
+    """Rows run."""
+    execution_count: int = 0
+    """onnxruntime calls."""
+
+    def count_request(self, success: bool, seconds: float) -> None:
+        """One answered request (success: a 2xx status)."""
+        if success:
+            self.success_count += 1
+            self.success_ns += int(seconds * 1e9)
+        else:
+            self.fail_count += 1
+            self.fail_ns += int(seconds * 1e9)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelPrometheusMetrics:
-    """The per-model children of `PrometheusMetrics`, bound once so the hot path skips the label lookup."""
+    """The per-model children of `PrometheusMetrics`, bound once so the hot path skips the label lookup, and
+    the model's `ModelStatistics`, which the batcher feeds with them."""
 
     queue_duration: Any
     inference_duration: Any
     batch_rows: Any
     queue_rows: Any
+    statistics: ModelStatistics
+
+    def queued(self, seconds: float) -> None:
+        """One request left the queue for a batch after `seconds`."""
+        self.queue_duration.observe(seconds)
+        self.statistics.queue_count += 1
+        self.statistics.queue_ns += int(seconds * 1e9)
+
+    def ran(self, seconds: float, rows: int) -> None:
+        """One onnxruntime call of `rows` rows took `seconds`."""
+        self.inference_duration.observe(seconds)
+        self.batch_rows.observe(rows)
+        self.statistics.compute_count += 1
+        self.statistics.compute_ns += int(seconds * 1e9)
+        self.statistics.execution_count += 1
+        self.statistics.inference_count += rows
+
+
+class RequestMetrics:
+    """The request metrics of one endpoint (in flight, duration, failures), their children bound once per
+    label set. Each answered request also counts in its model's `ModelStatistics`."""
+
+    def __init__(self, metrics: PrometheusMetrics, endpoint: str) -> None:
+        """Bind the `endpoint` label."""
+        self._metrics = metrics
+        self._endpoint = endpoint
+        self.in_flight = metrics.inflight_requests.labels(endpoint=endpoint)
+        self._answered: dict[tuple[str, int], tuple[Any, ModelStatistics]] = {}
+        self._failures: dict[tuple[str, str], Any] = {}
+
+    def answered(self, model: str, status: int, seconds: float) -> None:
+        """A request of `model` (a loaded model's name, or `UNKNOWN_MODEL`) answered `status` in `seconds`."""
+        bound = self._answered.get((model, status))
+        if bound is None:
+            duration = self._metrics.request_duration.labels(
+                endpoint=self._endpoint, model=model, status=str(status)
+            )
+            bound = self._answered[(model, status)] = (duration, self._metrics.statistics(model))
+        bound[0].observe(seconds)
+        bound[1].count_request(200 <= status < 300, seconds)
+
+    def failed(self, model: str, reason: str) -> None:
+        """A request of `model` failed for `reason` (a domain error's, or `internal_error`)."""
+        counter = self._failures.get((model, reason))
+        if counter is None:
+            counter = self._failures[(model, reason)] = self._metrics.request_failures.labels(
+                model=model, reason=reason
+            )
+        counter.inc()
 
 
 class PrometheusMetrics:
@@ -121,6 +203,7 @@ class PrometheusMetrics:
             multiprocess_mode="mostrecent",
         )
         self._per_model: dict[str, ModelPrometheusMetrics] = {}
+        self._statistics: dict[str, ModelStatistics] = {}
 
     def for_model(self, model: str) -> ModelPrometheusMetrics:
         """Children of the per-model metrics for a loaded model's name (cached)."""
@@ -131,9 +214,24 @@ class PrometheusMetrics:
                 inference_duration=self.inference_duration.labels(model=model),
                 batch_rows=self.batch_rows.labels(model=model),
                 queue_rows=self.queue_rows.labels(model=model),
+                statistics=self.statistics(model),
             )
             self._per_model[model] = bound
         return bound
+
+    def statistics(self, model: str) -> ModelStatistics:
+        """The running totals of a model name in this process (created empty on first use; they outlive
+        unloads and reloads, like the Prometheus metrics)."""
+        statistics = self._statistics.get(model)
+        if statistics is None:
+            statistics = self._statistics[model] = ModelStatistics()
+        return statistics
+
+    def set_evaluation_scores(self, model: str, scores: Mapping[str, float]) -> None:
+        """Set `modelserve_evaluation_score{model,metric}` for every finite score."""
+        for metric, value in scores.items():
+            if math.isfinite(value):
+                self.evaluation_score.labels(model=model, metric=metric).set(value)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric (merged across workers in multiprocess mode)."""
@@ -150,15 +248,24 @@ class PrometheusMetrics:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id, and any `extra` fields."""
+    """One JSON object per line: time (UTC), level, logger, message, request id, and any `extra` fields.
+
+    It writes a line per request when the access log is on (the default), so it is built for speed: the
+    date and time to the second are formatted once per second, and orjson writes the JSON.
+    """
 
     _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
-    converter = time.gmtime  # type: ignore[assignment]  # log times in UTC
+    _second: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
         """Render a record as JSON."""
+        second, text = self._second
+        if int(record.created) != second:
+            second = int(record.created)
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "time": f"{text}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -169,7 +276,10 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:  # what orjson refuses (an integer over 64 bits, keys that are not strings)
+            return json.dumps(entry, default=str)
 
 
 def logging_config(level: str = "info") -> dict[str, Any]:

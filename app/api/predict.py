@@ -1,22 +1,20 @@
-"""`POST /predict`: JSON in, predictions out, as a raw ASGI endpoint.
+"""`POST /predict`: JSON in, predictions out, a hot route (answered by `app.http.front`, before FastAPI).
 
-The body is parsed with orjson straight into numpy (no per-number pydantic validation) and the route skips
-FastAPI's request machinery; `PREDICT_OPERATION` documents it in OpenAPI.
+The body is parsed with orjson straight into numpy (no per-number pydantic validation);
+`PREDICT_OPERATION` documents the route in OpenAPI.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 import orjson
 
 from app.api.schemas import PredictRequest, PredictResponse
-from app.dataplane import DataPlane
 from app.errors import InvalidInput
-from app.http.asgi import ClientDisconnected, Receive, Scope, Send, read_body, require_json, send_json
-from app.http.errors import error_parts, reason_for
+from app.http.asgi import require_json
+from app.http.front import Answer, HotRequest
 from app.http.openapi import JSON_TYPE, Operation
 from app.http.params import parse_version
 from app.model_card import (
@@ -26,10 +24,10 @@ from app.model_card import (
     REGRESSION_OUTPUT,
     SEQUENCE_INPUT,
 )
-from app.observability import UNKNOWN_MODEL, PrometheusMetrics
 from app.repository import LoadedModel
 
 ENDPOINT = "/predict"
+"""The `endpoint` label of the request metrics."""
 _FIELDS = frozenset({"model", "version", "inputs", "top_k"})
 _INVALID_VERSION = "version: expected a positive integer, got {value!r}"
 
@@ -64,8 +62,8 @@ def parse_request(body: bytes) -> tuple[str, int | None, Any, int | None]:
         raise InvalidInput(f"malformed JSON: {err}") from err
     if not isinstance(document, dict):
         raise InvalidInput('body: expected a JSON object {"model": "<name>", "inputs": [...]}')
-    unknown = sorted(set(document) - _FIELDS)
-    if unknown:
+    if not _FIELDS.issuperset(document):
+        unknown = sorted(set(document) - _FIELDS)
         raise InvalidInput(f"body: unknown field(s) {unknown}; expected {sorted(_FIELDS)}")
     model = document.get("model")
     if not isinstance(model, str) or not model:
@@ -135,45 +133,21 @@ def encode_predictions(model: LoadedModel, outputs: dict[str, np.ndarray], top_k
     return predictions
 
 
-# -------------------------------------------------------------------------------------------- endpoint
-class PredictEndpoint:
-    """The raw ASGI app behind `POST /predict`."""
-
-    def __init__(self, dataplane: DataPlane, metrics: PrometheusMetrics, max_body_bytes: int) -> None:
-        """Bind the core, the metrics and the body limit."""
-        self.dataplane = dataplane
-        self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
-        self._inflight = metrics.inflight_requests.labels(endpoint=ENDPOINT)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer one request (every error becomes its JSON answer here; nothing propagates)."""
-        started = time.perf_counter()
-        label = UNKNOWN_MODEL
-        self._inflight.inc()
-        try:
-            require_json(scope)
-            body = await read_body(scope, receive, self.max_body_bytes)
-            name, version, raw_inputs, top_k = parse_request(body)
-            model = self.dataplane.get_model(name, version)
-            label = model.name
-            if top_k is not None and model.task != "classification":
-                raise InvalidInput("top_k: only classifiers rank classes; drop it for a regression model")
-            outputs = await self.dataplane.infer(model, decode_inputs(model, raw_inputs))
-            answer = {
-                "model": model.name,
-                "version": model.version,
-                "predictions": encode_predictions(model, outputs, top_k),
-            }
-            status, payload, headers = 200, orjson.dumps(answer), None
-        except ClientDisconnected:
-            return
-        except Exception as exc:
-            status, payload, headers = error_parts(exc)
-            self.metrics.request_failures.labels(model=label, reason=reason_for(exc)).inc()
-        finally:
-            self._inflight.dec()
-        await send_json(send, status, payload, headers)
-        self.metrics.request_duration.labels(endpoint=ENDPOINT, model=label, status=str(status)).observe(
-            time.perf_counter() - started
-        )
+# -------------------------------------------------------------------------------------------- handler
+async def predict(request: HotRequest) -> Answer:
+    """Decode the body, run its rows through the core, encode the predictions."""
+    require_json(request.scope)
+    dataplane = request.dataplane
+    body = await request.body.read(dataplane.settings.max_body_bytes)
+    name, version, raw_inputs, top_k = parse_request(body)
+    model = dataplane.get_model(name, version)
+    request.model = model.name
+    if top_k is not None and model.task != "classification":
+        raise InvalidInput("top_k: only classifiers rank classes; drop it for a regression model")
+    outputs = await dataplane.infer(model, decode_inputs(model, raw_inputs))
+    answer = {
+        "model": model.name,
+        "version": model.version,
+        "predictions": encode_predictions(model, outputs, top_k),
+    }
+    return Answer(orjson.dumps(answer))

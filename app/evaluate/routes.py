@@ -1,4 +1,5 @@
-"""`POST /evaluate` as a raw ASGI endpoint: a JSON body, or a streamed NDJSON / CSV / NPZ upload.
+"""`POST /evaluate`, a hot route of the front (`app.http.front`): a JSON body, or a streamed NDJSON / CSV /
+NPZ upload.
 
 The body is never handed to FastAPI: a JSON body is read whole (bounded by the body limit) and parsed by
 orjson; a streamed upload is read from the ASGI ``receive`` channel chunk by chunk, so a million-row CSV
@@ -20,9 +21,7 @@ from contextlib import aclosing
 from typing import Any
 from urllib.parse import parse_qs
 
-import numpy as np
 import orjson
-from fastapi import FastAPI
 
 from app.dataplane import DataPlane
 from app.errors import InvalidInput, UnsupportedMediaType
@@ -38,23 +37,14 @@ from app.evaluate.readers import (
 )
 from app.evaluate.runner import Tensors, evaluate, flat_scores
 from app.evaluate.schemas import EvaluateRequest
-from app.http.asgi import (
-    ClientDisconnected,
-    Receive,
-    RequestBody,
-    Scope,
-    Send,
-    is_json,
-    media_type,
-    send_json,
-)
-from app.http.errors import error_parts, reason_for
-from app.http.openapi import BINARY_SCHEMA, Operation, add_raw_route
+from app.http.asgi import RequestBody, Scope, is_json, media_type
+from app.http.front import Answer, Front, HotRequest, HotRoute
+from app.http.openapi import BINARY_SCHEMA, Operation
 from app.http.params import parse_version
-from app.observability import UNKNOWN_MODEL, PrometheusMetrics
 from app.settings import Settings
 
 ENDPOINT = "/evaluate"
+"""Its path, and the `endpoint` label of its request metrics."""
 STREAM_CHUNK_ROWS = 512
 """Rows parsed per step of a streamed upload while no interactive request is being served."""
 INTERACTIVE_CHUNK_ROWS = 128
@@ -102,14 +92,12 @@ def _query(scope: Scope) -> dict[str, str]:
 
 
 class EvaluateEndpoint:
-    """The raw ASGI app behind `POST /evaluate`."""
+    """The handler of `POST /evaluate`."""
 
-    def __init__(self, dataplane: DataPlane, metrics: PrometheusMetrics, settings: Settings) -> None:
-        """Bind the core, the metrics and the limits."""
+    def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
+        """Bind the core and the limits."""
         self.dataplane = dataplane
-        self.metrics = metrics
         self.settings = settings
-        self._inflight = metrics.inflight_requests.labels(endpoint=ENDPOINT)
         self._interactive_seen_at = -math.inf
 
     async def _infer(self, model: Any, inputs: Tensors) -> Tensors:
@@ -117,12 +105,10 @@ class EvaluateEndpoint:
         return outputs
 
     def _interactive_in_flight(self) -> bool:
-        """Whether a request of another endpoint (`/predict`, V2 infer) is being answered."""
-        for metric in self.metrics.inflight_requests.collect():
-            for sample in metric.samples:
-                if sample.value > 0 and sample.labels.get("endpoint") != ENDPOINT:
-                    self._interactive_seen_at = time.monotonic()
-                    return True
+        """Whether an interactive request (`/predict`, V2 infer) is being answered."""
+        if self.dataplane.interactive_requests > 0:
+            self._interactive_seen_at = time.monotonic()
+            return True
         return False
 
     def _interactive_lately(self) -> bool:
@@ -173,44 +159,22 @@ class EvaluateEndpoint:
         while self._interactive_in_flight() and loop.time() < deadline:  # noqa: ASYNC110 (a poll: no event to wait on)
             await asyncio.sleep(YIELD_STEP_SECONDS)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer one request (every error becomes its JSON answer here; nothing propagates)."""
-        started = time.perf_counter()
-        label = UNKNOWN_MODEL
-        body = RequestBody(scope, receive)
-        self._inflight.inc()
-        try:
-            model, options, chunks = await self._open(scope, body)
-            label = model.name
-            async with aclosing(chunks):
-                report = await evaluate(
-                    model,
-                    chunks,
-                    lambda inputs: self._infer(model, inputs),
-                    options,
-                    piece_rows=self.piece_rows,
-                    max_inflight_pieces=self.pieces_in_flight,
-                    pause=self._duty_cycle(),
-                )
-            self._publish(model.name, report)
-            status, payload, headers = 200, orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY), None
-        except ClientDisconnected:
-            self._inflight.dec()
-            return
-        except Exception as exc:
-            status, payload, headers = error_parts(exc)
-            self.metrics.request_failures.labels(model=label, reason=reason_for(exc)).inc()
-            if not body.done:
-                try:
-                    await body.drain(DRAIN_AFTER_ERROR_BYTES)
-                except ClientDisconnected:
-                    self._inflight.dec()
-                    return
-        self._inflight.dec()
-        await send_json(send, status, payload, headers)
-        self.metrics.request_duration.labels(endpoint=ENDPOINT, model=label, status=str(status)).observe(
-            time.perf_counter() - started
-        )
+    async def __call__(self, request: HotRequest) -> Answer:
+        """Read the rows as they arrive, score them, answer the report."""
+        model, options, chunks = await self._open(request.scope, request.body)
+        request.model = model.name
+        async with aclosing(chunks):
+            report = await evaluate(
+                model,
+                chunks,
+                lambda inputs: self._infer(model, inputs),
+                options,
+                piece_rows=self.piece_rows,
+                max_inflight_pieces=self.pieces_in_flight,
+                pause=self._duty_cycle(),
+            )
+        self.dataplane.metrics.set_evaluation_scores(model.name, flat_scores(report))
+        return Answer(orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))
 
     async def _open(self, scope: Scope, body: RequestBody) -> tuple[Any, EvaluationOptions, Any]:
         """Pick the reader for the content type; find the model; parse the options."""
@@ -246,12 +210,6 @@ class EvaluateEndpoint:
             chunks = npz_chunks(stream, schema, self.chunk_rows, max_bytes=MAX_UPLOAD_BYTES)
         return model, options, chunks
 
-    def _publish(self, model: str, report: dict[str, Any]) -> None:
-        """Set ``modelserve_evaluation_score{model,metric}`` for every scalar score of the report."""
-        for metric, value in flat_scores(report).items():
-            if np.isfinite(value):
-                self.metrics.evaluation_score.labels(model=model, metric=metric).set(value)
-
 
 EVALUATE_OPERATION = Operation(
     operation_id="evaluate",
@@ -284,15 +242,11 @@ EVALUATE_OPERATION = Operation(
 )
 
 
-def install(app: FastAPI) -> None:
-    """Mount `POST /evaluate` on an app built by `create_app` (reads ``app.state``)."""
-    add_raw_route(
-        app,
-        ENDPOINT,
-        EvaluateEndpoint(app.state.dataplane, app.state.metrics, app.state.settings),
-        method="POST",
-        operation=EVALUATE_OPERATION,
-    )
+def install(front: Front) -> None:
+    """Answer `POST /evaluate` in `front` (an app built by `create_app`)."""
+    endpoint = EvaluateEndpoint(front.state.dataplane, front.state.settings)
+    route = HotRoute(endpoint, ENDPOINT, interactive=False, drain_after_error_bytes=DRAIN_AFTER_ERROR_BYTES)
+    front.add_route(ENDPOINT, route, method="POST", operation=EVALUATE_OPERATION)
 
 
 __all__ = ["Chunk", "EvaluateEndpoint", "install"]

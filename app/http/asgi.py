@@ -68,9 +68,8 @@ class RequestBody:
             ClientDisconnected: the client went away mid-body.
         """
         declared = header(self._scope, b"content-length")
-        too_large = f"request body over the limit of {limit} bytes; send fewer rows per request"
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(too_large)
+            raise PayloadTooLarge(_too_large(limit))
         chunks: list[bytes] = []
         size = 0
         while not self.done:
@@ -81,7 +80,7 @@ class RequestBody:
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(too_large)
+                raise PayloadTooLarge(_too_large(limit))
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -110,15 +109,10 @@ class RequestBody:
                 return
 
 
+def _too_large(limit: int) -> str:
+    return f"request body over the limit of {limit} bytes; send fewer rows per request"
+
+
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole request body, at most `limit` bytes (see `RequestBody.read`)."""
     return await RequestBody(scope, receive).read(limit)
-
-
-async def send_json(send: Send, status: int, body: bytes, headers: Headers | None = None) -> None:
-    """Send a complete JSON response."""
-    response_headers = [JSON_HEADER, (b"content-length", str(len(body)).encode())]
-    if headers:
-        response_headers.extend(headers)
-    await send({"type": "http.response.start", "status": status, "headers": response_headers})
-    await send({"type": "http.response.body", "body": body})

@@ -35,6 +35,10 @@ def to_dtype(datatype: str) -> np.dtype[np.generic]:
         raise InvalidInput(f"unknown datatype {datatype!r}; expected one of {known}") from None
 
 
+#: Native-order numpy dtype → V2 datatype: `to_datatype` without computing a dtype's name (slow in numpy).
+_DATATYPE_BY_DTYPE: Final = {np.dtype(name): datatype for name, datatype in DATATYPE_BY_NUMPY.items()}
+
+
 def to_datatype(dtype: np.dtype[np.generic] | str | type) -> str:
     """V2 datatype of a numpy dtype (or dtype name such as ``"float32"``, ``"object"``, ``"str"``).
 
@@ -42,6 +46,9 @@ def to_datatype(dtype: np.dtype[np.generic] | str | type) -> str:
         ValueError: the dtype has no V2 datatype (complex, datetime, ...).
     """
     resolved = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
+    datatype = _DATATYPE_BY_DTYPE.get(resolved)
+    if datatype is not None:
+        return datatype
     if resolved.kind in "OSU":
         return BYTES
     datatype = DATATYPE_BY_NUMPY.get(resolved.name)  # the name leaves out the byte order

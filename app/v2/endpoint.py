@@ -1,8 +1,9 @@
 """What every Open Inference Protocol (V2) handler shares: how it is declared (`v2_route`) and mounted
 (`V2Route.endpoint`), the core it calls, the model its path names, its JSON answers.
 
-Handlers are plain Starlette request → response functions: bodies never pass through FastAPI or pydantic.
-Errors are domain errors, answered by the app's one table (`app/http/errors.py`).
+Handlers are plain Starlette request → response functions, except inference, a hot route of the front
+(`app.http.front`): bodies never pass through FastAPI or pydantic. Errors are domain errors, answered by the
+app's one table (`app/http/errors.py`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import orjson
 from pydantic import BaseModel
@@ -26,6 +27,9 @@ from app.http.params import parse_version
 from app.repository import LoadedModel
 
 Handler = Callable[[Request], Awaitable[Response]]
+AnyHandler = TypeVar("AnyHandler", bound=Callable[..., Awaitable[Any]])
+"""A Starlette `Handler`, or a hot route's handler (`app.http.front.Handler`)."""
+AnyHandler_co = TypeVar("AnyHandler_co", bound=Callable[..., Awaitable[Any]], covariant=True)
 
 TAG: Final = "Open Inference Protocol (V2)"
 ERROR_DESCRIPTIONS: Final = {
@@ -42,16 +46,16 @@ _INVALID_VERSION: Final = "model version {given!r} is not a positive integer"
 
 
 @dataclass(frozen=True)
-class V2Route:
+class V2Route(Generic[AnyHandler_co]):
     """A handler, the method and paths it answers, and its documentation."""
 
-    handler: Handler
+    handler: AnyHandler_co
     method: str
     paths: tuple[str, ...]
     operation: Operation
     """Its `operation_id` is `v2_<handler name>`; `app.v2.routes.install` numbers it for each path."""
 
-    def endpoint(self) -> _Endpoint:
+    def endpoint(self: V2Route[Handler]) -> _Endpoint:
         """The handler as the ASGI app that `add_raw_route` mounts."""
         return _Endpoint(self.handler)
 
@@ -74,10 +78,10 @@ def v2_route(
     body: Mapping[str, Schema] | None = None,
     body_description: str | None = None,
     errors: tuple[int, ...] = (400, 404, 503),
-) -> Callable[[Handler], V2Route]:
+) -> Callable[[AnyHandler], V2Route[AnyHandler]]:
     """Declare a handler for `paths`, documented by `summary`, its docstring, its answer and its errors."""
 
-    def declare(handler: Handler) -> V2Route:
+    def declare(handler: AnyHandler) -> V2Route[AnyHandler]:
         operation = Operation(
             operation_id=f"v2_{handler.__name__}",
             summary=summary,
@@ -108,6 +112,10 @@ def dataplane_of(request: Request) -> DataPlane:
 
 def model_of(request: Request, dataplane: DataPlane) -> LoadedModel:
     """The model version the path names (`{model}`, and `{version}` if there is one)."""
-    params = request.path_params
-    version = parse_version(params.get("version"), strict=True, invalid=_INVALID_VERSION)
-    return dataplane.get_model(params["model"], version)
+    return find_model(dataplane, request.path_params)
+
+
+def find_model(dataplane: DataPlane, path_params: Mapping[str, str]) -> LoadedModel:
+    """The model version that path parameters name (`model`, and `version` if there is one)."""
+    version = parse_version(path_params.get("version"), strict=True, invalid=_INVALID_VERSION)
+    return dataplane.get_model(path_params["model"], version)

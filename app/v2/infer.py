@@ -1,4 +1,5 @@
-"""`POST /v2/models/{model}[/versions/{version}]/infer`: JSON or Triton's binary tensors, maybe compressed.
+"""`POST /v2/models/{model}[/versions/{version}]/infer`: JSON or Triton's binary tensors, maybe compressed;
+a hot route (answered by `app.http.front`, before FastAPI).
 
 The body is decoded by `app.v2.codec` (binary tensors stay numpy views over the body), run through the
 same core as `/predict` (`DataPlane.infer`), and encoded as the request asks (JSON or binary outputs,
@@ -7,21 +8,17 @@ Triton's classification extension, `Accept-Encoding`).
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Mapping
 from typing import Final
 
 import numpy as np
-from starlette.requests import Request
-from starlette.responses import Response
 
-from app.dataplane import DataPlane
 from app.errors import InvalidInput
-from app.http.asgi import ClientDisconnected, read_body
-from app.http.errors import reason_for, status_for
+from app.http.asgi import Headers, header
+from app.http.front import Answer, HotRequest
 from app.http.openapi import BINARY_SCHEMA, JSON_TYPE
 from app.model_card import PROBABILITIES_OUTPUT
-from app.observability import UNKNOWN_MODEL
 from app.repository import LoadedModel
 from app.v2 import compression
 from app.v2.codec import (
@@ -33,13 +30,15 @@ from app.v2.codec import (
     encode_response,
 )
 from app.v2.datatypes import to_datatype
-from app.v2.endpoint import dataplane_of, model_of, v2_route
+from app.v2.endpoint import find_model, v2_route
 from app.v2.schemas import V2InferRequest, V2InferResponse
 
 ENDPOINT: Final = "/v2/models/{model}/infer"
 """The `endpoint` label of the request metrics (both paths)."""
-HEADER_LENGTH: Final = "inference-header-content-length"
+HEADER_LENGTH: Final = b"inference-header-content-length"
 BINARY_TYPE: Final = "application/octet-stream"
+JSON_CONTENT: Final = JSON_TYPE.encode()
+BINARY_CONTENT: Final = BINARY_TYPE.encode()
 
 
 @v2_route(
@@ -56,38 +55,14 @@ BINARY_TYPE: Final = "application/octet-stream"
     ),
     errors=(400, 404, 413, 415, 503, 504),
 )
-async def infer(request: Request) -> Response:
+async def infer(request: HotRequest) -> Answer:
     """Decode (JSON or binary, maybe compressed), run through the shared core, encode as asked."""
-    dataplane = dataplane_of(request)
-    metrics = dataplane.metrics
-    started = time.perf_counter()
-    label = UNKNOWN_MODEL
-    inflight = metrics.inflight_requests.labels(endpoint=ENDPOINT)
-    inflight.inc()
-    try:
-        model = model_of(request, dataplane)
-        label = model.name
-        response = await _infer(request, dataplane, model)
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except Exception as exc:
-        metrics.request_failures.labels(model=label, reason=reason_for(exc)).inc()
-        metrics.request_duration.labels(endpoint=ENDPOINT, model=label, status=str(status_for(exc))).observe(
-            time.perf_counter() - started
-        )
-        raise
-    finally:
-        inflight.dec()
-    metrics.request_duration.labels(endpoint=ENDPOINT, model=label, status="200").observe(
-        time.perf_counter() - started
-    )
-    return response
-
-
-async def _infer(request: Request, dataplane: DataPlane, model: LoadedModel) -> Response:
+    dataplane = request.dataplane
+    model = find_model(dataplane, request.path_params)
+    request.model = model.name
     limit = dataplane.settings.max_body_bytes
-    body = await read_body(request.scope, request.receive, limit)
-    body = compression.decompress(body, request.headers.get("content-encoding"), max_bytes=limit)
+    body = await request.body.read(limit)
+    body = compression.decompress(body, _header(request, b"content-encoding"), max_bytes=limit)
     decoded = decode_request(body, _header_length(request))
     _check_datatypes(model, decoded)
     wanted = _requested_outputs(model, decoded)
@@ -99,20 +74,25 @@ async def _infer(request: Request, dataplane: DataPlane, model: LoadedModel) -> 
         request_id=decoded.id,
         parameters=decoded.parameters,
     )
-    headers: dict[str, str] = {}
+    headers: Headers = []
     content = encoded.body
     if encoded.header_length is not None:
-        headers["Inference-Header-Content-Length"] = str(encoded.header_length)
-    encoding = compression.negotiate(request.headers.get("accept-encoding"))
+        headers.append((HEADER_LENGTH, b"%d" % encoded.header_length))
+    encoding = compression.negotiate(_header(request, b"accept-encoding"))
     if encoding is not None:
         content = compression.compress(content, encoding)
-        headers["Content-Encoding"] = encoding
-    media_type = JSON_TYPE if encoded.header_length is None else BINARY_TYPE
-    return Response(content, media_type=media_type, headers=headers)
+        headers.append((b"content-encoding", encoding.encode()))
+    content_type = JSON_CONTENT if encoded.header_length is None else BINARY_CONTENT
+    return Answer(content, content_type, headers)
 
 
-def _header_length(request: Request) -> int | None:
-    raw = request.headers.get(HEADER_LENGTH)
+def _header(request: HotRequest, name: bytes) -> str | None:
+    value = header(request.scope, name)
+    return None if value is None else value.decode("latin-1")
+
+
+def _header_length(request: HotRequest) -> int | None:
+    raw = _header(request, HEADER_LENGTH)
     if raw is None:
         return None
     if not raw.strip().isdigit():
@@ -122,9 +102,8 @@ def _header_length(request: Request) -> int | None:
 
 def _check_datatypes(model: LoadedModel, request: InferenceRequest) -> None:
     """Refuse a datatype that differs from the graph's (as Triton does) instead of casting silently."""
-    specs = {spec.name: spec for spec in model.inputs}
     for name, datatype in request.datatypes.items():
-        spec = specs.get(name)
+        spec = next((spec for spec in model.inputs if spec.name == name), None)
         if spec is None:
             raise InvalidInput(f"unknown input {name!r}; model {model.name!r} takes {model.input_names}")
         expected = to_datatype(spec.dtype)
@@ -136,13 +115,19 @@ def _check_datatypes(model: LoadedModel, request: InferenceRequest) -> None:
 
 def _requested_outputs(model: LoadedModel, request: InferenceRequest) -> tuple[RequestedOutput, ...]:
     if not request.outputs:
-        return tuple(RequestedOutput(name) for name in model.output_names)
+        return tuple(_every(name) for name in model.output_names)
     for output in request.outputs:
         if output.name not in model.output_names:
             raise InvalidInput(
                 f"unknown output {output.name!r}; model {model.name!r} has {model.output_names}"
             )
     return request.outputs
+
+
+@functools.cache
+def _every(output: str) -> RequestedOutput:
+    """An output a request that names none gets (made once per output name)."""
+    return RequestedOutput(output)
 
 
 def _output(

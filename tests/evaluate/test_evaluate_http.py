@@ -366,8 +366,8 @@ def test_evaluation_yields_to_interactive_requests_but_not_forever(client: TestC
     )
 
     app = client.app
-    endpoint = EvaluateEndpoint(app.state.dataplane, app.state.metrics, app.state.settings)  # type: ignore[attr-defined]
-    gauge = app.state.metrics.inflight_requests.labels(endpoint="/predict")  # type: ignore[attr-defined]
+    dataplane = app.state.dataplane  # type: ignore[attr-defined]
+    endpoint = EvaluateEndpoint(dataplane, app.state.settings)  # type: ignore[attr-defined]
 
     def timed() -> float:
         started = time.perf_counter()
@@ -377,11 +377,11 @@ def test_evaluation_yields_to_interactive_requests_but_not_forever(client: TestC
     assert timed() < MAX_YIELD_SECONDS / 2  # nothing interactive in flight: no wait
     alone = (endpoint.chunk_rows(), endpoint.piece_rows(), endpoint.pieces_in_flight())
     assert alone == (STREAM_CHUNK_ROWS, 16, 2)  # this fixture's max_batch_rows is 16
-    gauge.inc()
+    dataplane.interactive_requests += 1  # as the front counts a /predict request being answered
     try:
         assert MAX_YIELD_SECONDS <= timed() < 1.0  # waits while /predict is busy, but boundedly
     finally:
-        gauge.dec()
+        dataplane.interactive_requests -= 1
     # interactive traffic seen lately: small steps, one evaluation call at a time
     shared = (endpoint.chunk_rows(), endpoint.piece_rows(), endpoint.pieces_in_flight())
     assert shared == (INTERACTIVE_CHUNK_ROWS, min(16, INTERACTIVE_PIECE_ROWS), 1)
@@ -407,7 +407,7 @@ def test_duty_cycle_sleeps_only_while_interactive_traffic_is_seen(client: TestCl
 
     app = client.app
     settings = app.state.settings.model_copy(update={"evaluation_busy_fraction_under_load": 0.25})  # type: ignore[attr-defined]
-    endpoint = EvaluateEndpoint(app.state.dataplane, app.state.metrics, settings)  # type: ignore[attr-defined]
+    endpoint = EvaluateEndpoint(app.state.dataplane, settings)  # type: ignore[attr-defined]
     now = [100.0]
     slept: list[float] = []
 

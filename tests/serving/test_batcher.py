@@ -292,6 +292,33 @@ def test_queue_deadline_raises_deadline_exceeded() -> None:
     run(body)
 
 
+def test_each_queued_request_expires_at_its_own_deadline() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model, queue_timeout_seconds=1.0)
+        model.hold()
+        held = await submit(batcher, rows(1))
+        await model.wait_started()
+        loop = asyncio.get_running_loop()
+        first_queued = loop.time()
+        first = await submit(batcher, rows(1))
+        await asyncio.sleep(0.5)
+        second = await submit(batcher, rows(1))
+        await queued(batcher, 2)
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(first, WAIT)
+        assert loop.time() - first_queued >= 0.99  # not before its deadline (timers may fire a hair early)
+        assert not second.done()  # queued half a second later: still inside its own deadline
+        assert batcher.queued_rows == 1
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(second, WAIT)
+        assert batcher.queued_rows == 0
+        model.release()
+        await held
+        await batcher.stop()
+
+    run(body)
+
+
 def test_background_rows_yield_to_waiting_foreground_rows() -> None:
     async def body(model: Model) -> None:
         batcher = make(model, max_delay_seconds=0.0)
