@@ -95,11 +95,11 @@ class SoakModel:
     def rows(self, rng: np.random.Generator, count: int) -> list[Any]:
         """`count` rows as `/predict` takes them (waves: ragged lists of steps)."""
         if self.name == "digits":
-            return rng.integers(0, 17, size=(count, 64)).astype(float).tolist()
+            return list(rng.integers(0, 17, size=(count, 64)).astype(float).tolist())
         if self.name == "wine":
-            return (rng.normal(size=(count, 13)) + 5).round(3).tolist()
+            return list((rng.normal(size=(count, 13)) + 5).round(3).tolist())
         if self.name == "diabetes":
-            return (rng.normal(size=(count, 10)) * 10 + 50).round(2).tolist()
+            return list((rng.normal(size=(count, 10)) * 10 + 50).round(2).tolist())
         return [rng.normal(size=int(rng.integers(5, 60))).round(3).tolist() for _ in range(count)]
 
     def v2_tensors(self, rows: list[Any]) -> list[tuple[str, np.ndarray]]:
@@ -118,7 +118,7 @@ class SoakModel:
 
     def targets(self, rng: np.random.Generator, count: int) -> list[Any]:
         if self.labels is None:
-            return rng.normal(150, 50, size=count).round(1).tolist()
+            return list(rng.normal(150, 50, size=count).round(1).tolist())
         return [self.labels[i] for i in rng.integers(0, len(self.labels), size=count)]
 
 
