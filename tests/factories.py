@@ -385,8 +385,15 @@ def serve_in_thread(app: Any, timeout_seconds: float = 30.0) -> Iterator[str]:
 
     sock = free_socket()
     port = sock.getsockname()[1]
+    # Tests open hundreds of connections before a burst; on a loaded machine uvicorn's 5 s idle limit could
+    # close some of them before they are used.
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=60,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
