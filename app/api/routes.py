@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Request, Security
+from fastapi import APIRouter, Path, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -14,6 +14,7 @@ from app.api.schemas import LiveResponse, ModelsResponse, ReadyResponse
 from app.dataplane import DataPlane
 from app.http.admin import ADMIN_KEY, require_admin
 from app.http.errors import ErrorResponse
+from app.http.openapi import ERROR_HEADERS, MODEL_NAME_SCHEMA
 from app.observability import PrometheusMetrics
 
 router = APIRouter()
@@ -36,13 +37,18 @@ async def list_models(request: Request) -> ModelsResponse:
     tags=["models"],
     summary="Reload one model from the repository (admin)",
     responses={
-        401: {"model": ErrorResponse, "description": "Missing or wrong admin key"},
+        401: {
+            "model": ErrorResponse,
+            "description": "Missing or wrong admin key",
+            "headers": ERROR_HEADERS[401],
+        },
         403: {"model": ErrorResponse, "description": "The admin routes are disabled"},
         404: {"model": ErrorResponse, "description": "No folder of that name in the repository"},
     },
 )
 async def reload_model(
-    name: str,
+    # documented, not validated here: a name no folder has is a 404
+    name: Annotated[str, Path(json_schema_extra=dict(MODEL_NAME_SCHEMA))],
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_KEY)],
 ) -> ModelsResponse:
@@ -68,7 +74,13 @@ async def live() -> LiveResponse:
     summary="Readiness",
     response_model=ReadyResponse,
     response_model_exclude_none=True,
-    responses={503: {"model": ReadyResponse, "description": "Not ready (see Retry-After)"}},
+    responses={
+        503: {
+            "model": ReadyResponse,
+            "description": "Not ready (see Retry-After)",
+            "headers": ERROR_HEADERS[503],
+        }
+    },
 )
 async def ready(request: Request) -> ReadyResponse | JSONResponse:
     """Ready once startup has loaded and warmed up the versions it serves (versions that failed to load do not

@@ -6,11 +6,10 @@ the request and response shapes with examples.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.dataplane import ModelStatus
+from app.http.openapi import ModelName, Rows, RowsByInput, Version
 
 
 class PredictRequest(BaseModel):
@@ -28,9 +27,9 @@ class PredictRequest(BaseModel):
         },
     )
 
-    model: str = Field(description="a served model's name (GET /models)")
-    version: int | None = Field(default=None, ge=1, description="default: the highest ready version")
-    inputs: list[Any] | dict[str, list[Any]] = Field(
+    model: ModelName = Field(description="a served model's name (GET /models)")
+    version: Version | None = Field(default=None, description="default: the highest ready version")
+    inputs: Rows | RowsByInput = Field(
         description=(
             "one item per example; an image model also takes flattened pixels; a sequence model takes "
             "sequences of different lengths (padded and masked by the server); a model with several inputs "

@@ -39,7 +39,7 @@ from app.evaluate.runner import Tensors, evaluate, flat_scores
 from app.evaluate.schemas import EvaluateRequest
 from app.http.asgi import RequestBody, Scope, is_json, media_type
 from app.http.front import Answer, Front, HotRequest, HotRoute
-from app.http.openapi import BINARY_SCHEMA, Operation
+from app.http.openapi import BINARY_SCHEMA, MODEL_NAME_SCHEMA, POSITIVE_INTEGER_TEXT_SCHEMA, Operation
 from app.http.params import parse_version
 from app.settings import Settings
 
@@ -239,6 +239,12 @@ EVALUATE_OPERATION = Operation(
         "application/x-npz": BINARY_SCHEMA,
     },
     query=tuple(sorted(QUERY_KEYS)),
+    parameters={
+        "model": MODEL_NAME_SCHEMA,
+        "version": POSITIVE_INTEGER_TEXT_SCHEMA,
+        "top_k": POSITIVE_INTEGER_TEXT_SCHEMA,
+        "zero_division": {"type": "string", "enum": ["0", "1", "nan"]},
+    },
 )
 
 

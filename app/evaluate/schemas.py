@@ -6,9 +6,11 @@ that the two agree on the fields, which are required, and that no other field is
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.http.openapi import ModelName, Rows, RowsByInput, Version
 
 
 class EvaluateRequest(BaseModel):
@@ -27,12 +29,12 @@ class EvaluateRequest(BaseModel):
         },
     )
 
-    model: str = Field(description="a served model's name (GET /models)")
-    version: int | None = Field(default=None, ge=1, description="default: the highest ready version")
-    inputs: list[Any] | dict[str, list[Any]] = Field(
+    model: ModelName = Field(description="a served model's name (GET /models)")
+    version: Version | None = Field(default=None, description="default: the highest ready version")
+    inputs: Rows | RowsByInput = Field(
         description="one item per row, as `/predict` takes them (or an object of such lists by input name)"
     )
-    labels: list[str | int | float] = Field(
+    labels: Annotated[list[str | int | float], Field(min_length=1)] = Field(
         description="one per row: class names or class indices (classifiers), numbers (regressors)"
     )
     zero_division: Literal[0, 1, "nan"] | None = Field(

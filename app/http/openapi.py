@@ -10,19 +10,46 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from app.http.errors import ErrorResponse
+from app.model_card import MODEL_NAME_PATTERN
 
 JSON_TYPE = "application/json"
 BINARY_SCHEMA: Mapping[str, Any] = {"type": "string", "format": "binary"}
 """The schema of a body of raw bytes."""
+
+POSITIVE_INTEGER_PATTERN = r"^[1-9][0-9]*$"
+MODEL_NAME_SCHEMA: Mapping[str, Any] = {"type": "string", "pattern": MODEL_NAME_PATTERN}
+"""A model name in a path or query string (every model in the repository has one)."""
+POSITIVE_INTEGER_TEXT_SCHEMA: Mapping[str, Any] = {"type": "string", "pattern": POSITIVE_INTEGER_PATTERN}
+"""A positive integer (a model version, `top_k`) in a path or query string."""
+
+# Field types that the request models of the JSON bodies share (documentation: the parsers validate).
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+Version = Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=POSITIVE_INTEGER_PATTERN)]
+"""A model version in a JSON body: a positive integer, or its digits."""
+Rows = Annotated[list[Any], Field(min_length=1)]
+"""One item per row (at least one)."""
+RowsByInput = Annotated[dict[str, list[Any]], Field(min_length=1)]
+"""Input name → its rows (at least one input)."""
+
+ERROR_HEADERS: Mapping[int, Mapping[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    503: {
+        "Retry-After": {
+            "description": "seconds to wait before retrying",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+}
+"""The headers that every error answer of a status carries (`app.http.errors.error_parts`)."""
 
 _REF = "#/components/schemas/{model}"
 _PATH_PARAMETER = re.compile(r"{(\w+)}")
@@ -33,8 +60,8 @@ Schema = type[BaseModel] | Mapping[str, Any]
 
 @dataclass(frozen=True)
 class Operation:
-    """The OpenAPI operation of a raw route: all but its path parameters, which `document` finds in the
-    path (strings, required). Every error answers `{"error": ...}` (`ErrorResponse`)."""
+    """The OpenAPI operation of a raw route. `document` finds its path parameters in the path (required);
+    every error answers `{"error": ...}` (`ErrorResponse`)."""
 
     operation_id: str
     summary: str
@@ -50,7 +77,11 @@ class Operation:
     """Media type → schema of the (required) request body; None: the route reads no documented body."""
     body_description: str | None = None
     query: tuple[str, ...] = ()
-    """Optional query parameters (strings)."""
+    """Optional query parameters."""
+    parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Path or query parameter name → the schema of its value (default: any string)."""
+    security: tuple[str, ...] = ()
+    """Security schemes (components) that the route reads; one of them suffices."""
 
     def schemas(self) -> list[type[BaseModel]]:
         """The pydantic models the operation refers to."""
@@ -67,10 +98,10 @@ class Operation:
             ok["content"] = _content({JSON_TYPE: self.answer})
         error = _content({JSON_TYPE: ErrorResponse})
         parameters = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            {"name": name, "in": "path", "required": True, "schema": self._parameter_schema(name)}
             for name in _PATH_PARAMETER.findall(path)
         ] + [
-            {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+            {"name": name, "in": "query", "required": False, "schema": self._parameter_schema(name)}
             for name in self.query
         ]
         operation: dict[str, Any] = {
@@ -79,15 +110,27 @@ class Operation:
             "description": self.description,
             "operationId": self.operation_id,
             "responses": {"200": ok}
-            | {str(code): {"description": text, "content": error} for code, text in self.errors.items()},
+            | {str(code): _error_response(code, text, error) for code, text in self.errors.items()},
         }
         if parameters:
             operation["parameters"] = parameters
+        if self.security:
+            operation["security"] = [{scheme: []} for scheme in self.security]
         if self.body is not None:
             operation["requestBody"] = {"required": True, "content": _content(self.body)}
             if self.body_description is not None:
                 operation["requestBody"]["description"] = self.body_description
         return operation
+
+    def _parameter_schema(self, name: str) -> dict[str, Any]:
+        return dict(self.parameters.get(name, {"type": "string"}))
+
+
+def _error_response(code: int, description: str, content: dict[str, Any]) -> dict[str, Any]:
+    response = {"description": description, "content": content}
+    if code in ERROR_HEADERS:
+        response["headers"] = dict(ERROR_HEADERS[code])
+    return response
 
 
 def _content(schemas: Mapping[str, Schema]) -> dict[str, Any]:

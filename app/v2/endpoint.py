@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.dataplane import DataPlane
 from app.errors import NotReady
-from app.http.openapi import JSON_TYPE, Operation, Schema
+from app.http.openapi import JSON_TYPE, MODEL_NAME_SCHEMA, POSITIVE_INTEGER_TEXT_SCHEMA, Operation, Schema
 from app.http.params import parse_version
 from app.repository import LoadedModel
 
@@ -42,6 +42,8 @@ ERROR_DESCRIPTIONS: Final = {
     503: "Model not ready (see Retry-After)",
     504: "Deadline exceeded while queued",
 }
+PATH_PARAMETERS: Final = {"model": MODEL_NAME_SCHEMA, "version": POSITIVE_INTEGER_TEXT_SCHEMA}
+"""The schemas of the path parameters of every V2 route."""
 _INVALID_VERSION: Final = "model version {given!r} is not a positive integer"
 
 
@@ -78,8 +80,10 @@ def v2_route(
     body: Mapping[str, Schema] | None = None,
     body_description: str | None = None,
     errors: tuple[int, ...] = (400, 404, 503),
+    security: tuple[str, ...] = (),
 ) -> Callable[[AnyHandler], V2Route[AnyHandler]]:
-    """Declare a handler for `paths`, documented by `summary`, its docstring, its answer and its errors."""
+    """Declare a handler for `paths`, documented by `summary`, its docstring, its answer, its errors and the
+    security schemes it reads."""
 
     def declare(handler: AnyHandler) -> V2Route[AnyHandler]:
         operation = Operation(
@@ -91,6 +95,8 @@ def v2_route(
             errors={code: ERROR_DESCRIPTIONS[code] for code in errors},
             body=body,
             body_description=body_description,
+            parameters=PATH_PARAMETERS,
+            security=security,
         )
         return V2Route(handler, method, paths, operation)
 

@@ -25,7 +25,13 @@ _REPOSITORY_STATES: Final = {
 }
 
 
-@v2_route("POST", "/v2/repository/index", summary="Repository index (admin)", errors=(400, 401, 403))
+@v2_route(
+    "POST",
+    "/v2/repository/index",
+    summary="Repository index (admin)",
+    errors=(400, 401, 403, 413),
+    security=(ADMIN_KEY.scheme_name,),
+)
 async def repository_index(request: Request) -> Response:
     """Every model version in the repository with its state (`{"ready": true}` keeps only ready ones)."""
     dataplane = await _repository(request)
@@ -48,7 +54,8 @@ async def repository_index(request: Request) -> Response:
     "POST",
     "/v2/repository/models/{model}/load",
     summary="Load a model (admin)",
-    errors=(400, 401, 403, 404),
+    errors=(400, 401, 403, 404, 413),
+    security=(ADMIN_KEY.scheme_name,),
 )
 async def repository_load(request: Request) -> Response:
     """Rescan a model's folder: new, failed and unloaded versions load while the served ones go on, then
@@ -72,7 +79,8 @@ async def repository_load(request: Request) -> Response:
     "POST",
     "/v2/repository/models/{model}/unload",
     summary="Unload a model (admin)",
-    errors=(400, 401, 403, 404),
+    errors=(400, 401, 403, 404, 413),
+    security=(ADMIN_KEY.scheme_name,),
 )
 async def repository_unload(request: Request) -> Response:
     """Stop serving every version of a model (requests already queued finish); it stays unloaded until

@@ -6,21 +6,22 @@ exist so `/docs` shows the request and response shapes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.v2.datatypes import DATATYPE_TO_DTYPE
 
-_DATATYPES = ", ".join(DATATYPE_TO_DTYPE)
+Datatype = Annotated[str, Field(json_schema_extra={"enum": list(DATATYPE_TO_DTYPE)})]
+"""A datatype of the protocol (`app.v2.datatypes`)."""
 
 
 class V2Tensor(BaseModel):
     """An input (request) or output (response) tensor."""
 
-    name: str
-    shape: list[int] = Field(description="dimensions, batch axis first")
-    datatype: str = Field(description=f"one of {_DATATYPES}")
+    name: str = Field(min_length=1)
+    shape: list[Annotated[int, Field(ge=0)]] = Field(description="dimensions, batch axis first")
+    datatype: Datatype
     parameters: dict[str, Any] | None = Field(
         default=None,
         description="`binary_data_size`: the tensor's bytes follow the JSON header instead of `data`",
@@ -31,7 +32,7 @@ class V2Tensor(BaseModel):
 class V2RequestedOutput(BaseModel):
     """An output to return."""
 
-    name: str
+    name: str = Field(min_length=1)
     parameters: dict[str, Any] | None = Field(
         default=None,
         description="`binary_data` (bool): raw bytes after the JSON header; "
@@ -66,7 +67,7 @@ class V2InferRequest(BaseModel):
         default=None,
         description="`binary_data_output` (bool) sets the default for every output; others are echoed back",
     )
-    inputs: list[V2Tensor]
+    inputs: list[V2Tensor] = Field(min_length=1)
     outputs: list[V2RequestedOutput] | None = Field(
         default=None, description="a subset of the outputs, answered in this order; default every output"
     )
@@ -94,7 +95,7 @@ class V2TensorMetadata(BaseModel):
     """A model input or output; -1 marks a variable dimension."""
 
     name: str
-    datatype: str
+    datatype: Datatype
     shape: list[int]
 
 
