@@ -12,7 +12,9 @@ The rules (each is tested in `tests/serving/test_batcher.py`):
   rows or when its oldest request has waited `max_delay_seconds` (measured with the loop's monotonic clock,
   and re-checked after every wake-up so an early timer cannot flush early).
 * The queue is bounded: a request that would exceed `max_queue_rows` raises `Overloaded` (503 +
-  Retry-After); one that waits longer than `queue_timeout_seconds` raises `DeadlineExceeded` (504).
+  Retry-After); one still queued at its deadline raises `DeadlineExceeded` (504) and never runs. The
+  deadline is the client's own (`deadline_seconds`) capped by `queue_timeout_seconds`; one timer, kept on
+  the earliest pending deadline (a heap, since mixed deadlines do not follow arrival order), expires them.
 * Background requests (`/evaluate`) fill only the room that waiting foreground rows leave, and wait for
   queue space instead of being refused.
 * Outputs are split back per request after checking that every output has one row per input row. A batch
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections import deque
@@ -77,6 +81,7 @@ class _Request:
     future: asyncio.Future[Tensors]
     enqueued_at: float
     background: bool
+    wait_limit: float = float("inf")  # seconds a foreground request may stay queued before it fails
     queued: bool = True  # false once taken into a batch, expired, or abandoned by its caller
 
 
@@ -139,7 +144,10 @@ class Batcher:
         self._arrived = asyncio.Event()  # set on every submission: wakes an idle or waiting worker
         self._space = asyncio.Event()  # set whenever rows leave the queue: wakes waiting background callers
         self._in_flight: list[_Request] = []
-        # One timer for all foreground deadlines: the oldest queued request's (the queue is deadline-ordered).
+        # Foreground deadlines, earliest first (`(deadline, arrival number, request)`), and one timer for
+        # the earliest. Entries of requests that left the queue are dropped lazily from the top.
+        self._deadlines: list[tuple[float, int, _Request]] = []
+        self._arrivals = itertools.count()
         self._expiry: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -196,11 +204,17 @@ class Batcher:
                 request.future.set_exception(NotReady(self._refusal, self.retry_after_seconds))
         self._foreground.clear()
         self._background.clear()
+        self._deadlines.clear()
         self._in_flight = []
         self._report_queue()
 
     async def submit(
-        self, inputs: Mapping[str, np.ndarray], rows: int, *, background: bool = False
+        self,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        *,
+        background: bool = False,
+        deadline_seconds: float | None = None,
     ) -> Tensors:
         """Queue one request's rows and wait for its own outputs.
 
@@ -208,10 +222,12 @@ class Batcher:
             inputs: validated arrays, all with `rows` rows.
             rows: number of rows (the batch axis length).
             background: yield to foreground requests, and wait for queue space instead of failing.
+            deadline_seconds: the client's own limit on queueing (foreground only), capped by
+                `queue_timeout_seconds`; None for that cap alone.
 
         Raises:
             Overloaded: the queue is full (foreground only).
-            DeadlineExceeded: waited longer than `queue_timeout_seconds` (foreground only).
+            DeadlineExceeded: still queued at its deadline (foreground only); it never runs.
             NotReady: the batcher is stopped or closed.
             InferenceFailed: the batch this request ran in failed.
         """
@@ -241,9 +257,13 @@ class Batcher:
         else:
             self._foreground.append(request)
             self._foreground_rows += rows
-            if self._expiry is None:
-                deadline = request.enqueued_at + self.queue_timeout_seconds
-                self._expiry = loop.call_at(deadline, self._expire, deadline)
+            request.wait_limit = self.queue_timeout_seconds
+            if deadline_seconds is not None:
+                request.wait_limit = min(request.wait_limit, deadline_seconds)
+            deadline = request.enqueued_at + request.wait_limit
+            heapq.heappush(self._deadlines, (deadline, next(self._arrivals), request))
+            if self._expiry is None or deadline < self._expiry.when():
+                self._arm_expiry(loop)
         self._report_queue()
         self._arrived.set()
         try:
@@ -275,29 +295,45 @@ class Batcher:
             self._expiry.cancel()
             self._expiry = None
 
+    def _drop_left_deadlines(self) -> None:
+        """Drop the deadlines of requests that left the queue from the top of the heap."""
+        deadlines = self._deadlines
+        while deadlines and not deadlines[0][2].queued:
+            heapq.heappop(deadlines)
+
+    def _arm_expiry(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Set the timer on the earliest pending deadline (none when nothing waits)."""
+        self._cancel_expiry()
+        self._drop_left_deadlines()
+        if self._deadlines:
+            deadline = self._deadlines[0][0]
+            self._expiry = loop.call_at(deadline, self._expire, deadline)
+
     def _expire(self, due: float) -> None:
         """Fail the foreground requests whose deadline is `due` or past, then wait for the next deadline."""
         self._expiry = None
         loop = asyncio.get_running_loop()
-        due = max(due, loop.time())
-        queue = self._foreground
-        while queue:
-            request = queue[0]
-            deadline = request.enqueued_at + self.queue_timeout_seconds
-            if request.queued and deadline > due:
-                self._expiry = loop.call_at(deadline, self._expire, deadline)
-                break
-            queue.popleft()
+        due = max(due, loop.time())  # a timer may fire a hair early: what it was set for is due
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= due:
+            request = heapq.heappop(deadlines)[2]
             if request.queued:
-                self._dequeue(request)
+                self._dequeue(request)  # left in its queue, unqueued: `_take` skips it
                 if not request.future.done():
-                    request.future.set_exception(
-                        DeadlineExceeded(
-                            f"waited {self.queue_timeout_seconds:g} s in the queue of model {self.name!r}; "
-                            "the server is overloaded"
-                        )
-                    )
+                    request.future.set_exception(self._deadline_error(request))
+        self._arm_expiry(loop)
         self._report_queue()
+
+    def _deadline_error(self, request: _Request) -> DeadlineExceeded:
+        if request.wait_limit < self.queue_timeout_seconds:
+            return DeadlineExceeded(
+                f"the request's deadline of {request.wait_limit:g} s passed while it waited in the queue "
+                f"of model {self.name!r}"
+            )
+        return DeadlineExceeded(
+            f"waited {self.queue_timeout_seconds:g} s in the queue of model {self.name!r}; "
+            "the server is overloaded"
+        )
 
     def _oldest(self) -> _Request | None:
         """The oldest request still queued (dropping abandoned ones from the front)."""
@@ -320,6 +356,9 @@ class Batcher:
                 # Requests queued while the last batch ran: wait for a full batch or the oldest's deadline.
                 await self._wait_for_batch(loop)
             batch = self._take()
+            self._drop_left_deadlines()  # the batch's own deadlines, usually the earliest ones
+            if not self._deadlines:
+                self._cancel_expiry()  # nothing left to expire: no timer keeps this batcher alive
             self._report_queue()
             if batch:
                 await self._execute(batch, loop)

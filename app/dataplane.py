@@ -427,13 +427,22 @@ class DataPlane:
         return statuses
 
     # ------------------------------------------------------------------------------------------ running
-    async def infer(self, model: LoadedModel, inputs: dict[str, Any], *, background: bool = False) -> Tensors:
+    async def infer(
+        self,
+        model: LoadedModel,
+        inputs: dict[str, Any],
+        *,
+        background: bool = False,
+        deadline_seconds: float | None = None,
+    ) -> Tensors:
         """Validate inputs, run them through the model's batcher, return every graph output for these rows.
 
         Args:
             model: from `get_model`.
             inputs: one entry per graph input (arrays or nested lists), batch axis first.
             background: bulk work (`/evaluate`): yields to waiting foreground rows, waits for queue space.
+            deadline_seconds: the client's limit on queueing (see `Batcher.submit`); without batching
+                nothing queues, so it does not apply.
 
         Raises:
             InvalidInput: see `LoadedModel.validate_inputs`.
@@ -449,7 +458,9 @@ class DataPlane:
             )
         if not self.settings.batching:
             return await self._run_alone(model, arrays, rows)
-        return await entry.batcher.submit(arrays, rows, background=background)
+        return await entry.batcher.submit(
+            arrays, rows, background=background, deadline_seconds=deadline_seconds
+        )
 
     async def _run_alone(self, model: LoadedModel, arrays: Tensors, rows: int) -> Tensors:
         """The unbatched path (`batching` off): one onnxruntime call per request, still off the loop."""

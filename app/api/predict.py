@@ -144,7 +144,9 @@ async def predict(request: HotRequest) -> Answer:
     request.model = model.name
     if top_k is not None and model.task != "classification":
         raise InvalidInput("top_k: only classifiers rank classes; drop it for a regression model")
-    outputs = await dataplane.infer(model, decode_inputs(model, raw_inputs))
+    outputs = await dataplane.infer(
+        model, decode_inputs(model, raw_inputs), deadline_seconds=request.deadline_seconds
+    )
     answer = {
         "model": model.name,
         "version": model.version,

@@ -1,14 +1,18 @@
 """The one table that turns domain errors (`app/errors.py`) into HTTP answers `{"error": "..."}`.
 
 Raw ASGI handlers use `error_parts`; FastAPI routes get the same answers through the exception handlers
-that `install_exception_handlers` registers. 4xx are logged without a traceback; anything unexpected is a
-500 with a generic message (never a traceback or a path), logged with its traceback. `ErrorResponse`
+that `install_exception_handlers` registers. 4xx are logged without a traceback; the answers to pressure
+(503 not ready or overloaded, 504 deadline exceeded) are expected under load, so they are warnings, at most
+one line per second per error class with a count of the ones left out; anything unexpected is a 500 with a
+generic message (never a traceback or a path), logged at error level with its traceback. `ErrorResponse`
 documents the body in OpenAPI.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from time import monotonic
 
 import orjson
 from fastapi import FastAPI, Request
@@ -46,6 +50,10 @@ STATUS_BY_ERROR: dict[type[ModelServeError], int] = {
     Overloaded: 503,
     DeadlineExceeded: 504,
 }
+PRESSURE_ERRORS: tuple[type[ModelServeError], ...] = (NotReady, DeadlineExceeded)
+"""Answers a busy or starting server gives by design (`Overloaded` is a `NotReady`): logged as warnings."""
+PRESSURE_LOG_INTERVAL_SECONDS = 1.0
+"""At most one warning line per pressure error class in this time; the others are counted in the next."""
 INTERNAL_ERROR_MESSAGE = (
     "internal server error; the request id in the X-Request-ID header finds it in the logs"
 )
@@ -78,10 +86,42 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+@dataclass(slots=True)
+class _Quieted:
+    """One pressure error class's log: when it last wrote a line and how many it left out since."""
+
+    logged_at: float
+    left_out: int = 0
+
+
+_quieted: dict[type[ModelServeError], _Quieted] = {}
+
+
+def _log_pressure(exc: ModelServeError) -> None:
+    """Log a pressure answer at WARNING, at most once per interval per class (monotonic clock)."""
+    now = monotonic()
+    state = _quieted.get(type(exc))
+    if state is not None and now - state.logged_at < PRESSURE_LOG_INTERVAL_SECONDS:
+        state.left_out += 1
+        return
+    if state is None or not state.left_out:
+        logger.warning("%s: %s", type(exc).__name__, exc.message)
+    else:
+        logger.warning(
+            "%s: %s (and %d more in the last %.1f s)",
+            type(exc).__name__,
+            exc.message,
+            state.left_out,
+            now - state.logged_at,
+        )
+    _quieted[type(exc)] = _Quieted(now)
+
+
 def error_parts(exc: BaseException) -> tuple[int, bytes, Headers]:
     """Status, body and extra headers for any exception (unexpected ones become a generic 500).
 
-    Also logs it: a 4xx at INFO without a traceback, a 5xx at ERROR (with the traceback when unexpected).
+    Also logs it: a 4xx at INFO without a traceback, a pressure answer (503, 504) as a rate-limited
+    warning, any other 5xx at ERROR (with the traceback when unexpected).
     """
     if not isinstance(exc, ModelServeError):
         logger.error("unexpected error", exc_info=exc)
@@ -92,7 +132,10 @@ def error_parts(exc: BaseException) -> tuple[int, bytes, Headers]:
         headers.append((b"retry-after", str(max(1, round(exc.retry_after_seconds))).encode()))
     elif isinstance(exc, Unauthorized):
         headers.append((b"www-authenticate", b"Bearer"))
-    if status >= 500:
+    if isinstance(exc, PRESSURE_ERRORS):
+        _log_pressure(exc)
+        message = exc.message
+    elif status >= 500:
         # InferenceFailed carries internal detail for the log only; the client gets the generic text.
         logger.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc.__cause__)
         message = INTERNAL_ERROR_MESSAGE if status == 500 else exc.message

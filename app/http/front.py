@@ -9,6 +9,8 @@
 * Hot routes (`add_route`) are answered here, by their handler alone: it reads what it needs from a
   `HotRequest` and returns an `Answer` or raises; the front turns errors into their answers (the one table
   of `app.http.errors`) and records the request metrics (in flight, duration, failures).
+* `X-Request-Timeout` (seconds) on an interactive hot route becomes `HotRequest.deadline_seconds`, the
+  longest the request may wait in the model's queue (a bad value is a 400).
 * Every other request goes to the FastAPI app, which also runs the lifespan and keeps the OpenAPI document,
   the docs page and the routing answers (404, 405, trailing-slash redirects), hot routes included.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hmac
 import itertools
 import logging
+import math
 import os
 import re
 import time
@@ -30,7 +33,7 @@ from starlette.datastructures import State
 from starlette.routing import compile_path
 
 from app.dataplane import DataPlane
-from app.errors import Unauthorized
+from app.errors import InvalidInput, Unauthorized
 from app.http.admin import guarded_by_admin_key
 from app.http.asgi import (
     JSON_HEADER,
@@ -41,6 +44,7 @@ from app.http.asgi import (
     RequestBody,
     Scope,
     Send,
+    header,
 )
 from app.http.errors import error_parts, reason_for
 from app.http.openapi import Operation, add_raw_route
@@ -60,7 +64,7 @@ CLIENT_GONE = 499
 class HotRequest:
     """One request to a hot route, as its handler sees it."""
 
-    __slots__ = ("body", "dataplane", "model", "path_params", "scope")
+    __slots__ = ("body", "dataplane", "deadline_seconds", "model", "path_params", "scope")
 
     def __init__(
         self, scope: Scope, receive: Receive, path_params: dict[str, str], dataplane: DataPlane
@@ -73,6 +77,8 @@ class HotRequest:
         """The core every route calls."""
         self.model = UNKNOWN_MODEL
         """The `model` label of the request metrics: the handler sets it once it has found the model."""
+        self.deadline_seconds: float | None = None
+        """The client's `X-Request-Timeout`: the longest it lets the request wait in the model's queue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +160,14 @@ class Front:
             return
         request_id = b""
         authorization = b""
+        request_timeout: bytes | None = None
         for key, value in scope["headers"]:
             if key == b"x-request-id":
                 request_id = value
             elif key == b"authorization":
                 authorization = value
+            elif key == b"x-request-timeout":
+                request_timeout = value
         if not _REQUEST_ID.match(request_id):
             request_id = b"%s%016x" % (self._id_prefix, next(self._id_counter))
         token = request_id_var.set(request_id.decode())
@@ -174,7 +183,7 @@ class Front:
             ):
                 status = await self._refuse(send, request_id)
             else:
-                status = await self._dispatch(scope, receive, send, request_id, started)
+                status = await self._dispatch(scope, receive, send, request_id, started, request_timeout)
         finally:
             if self._access_log:
                 # Probes and scrapes come every few seconds: they are logged only at debug level.
@@ -196,7 +205,13 @@ class Front:
             request_id_var.reset(token)
 
     async def _dispatch(
-        self, scope: Scope, receive: Receive, send: Send, request_id: bytes, started: float
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: bytes,
+        started: float,
+        request_timeout: bytes | None,
     ) -> int:
         method = scope["method"]
         for served in self._routes:
@@ -204,7 +219,7 @@ class Front:
                 match = served.path.match(scope["path"])
                 if match is not None:
                     return await self._serve(
-                        served, match.groupdict(), scope, receive, send, request_id, started
+                        served, match.groupdict(), scope, receive, send, request_id, started, request_timeout
                     )
         return await self._forward(scope, receive, send, request_id)
 
@@ -231,10 +246,12 @@ class Front:
         send: Send,
         request_id: bytes | None,
         started: float,
+        request_timeout: bytes | None,
     ) -> int:
         """Answer a hot route (every error becomes its answer here) and record its metrics; the status.
 
-        `started` is when the request came in (`time.perf_counter`).
+        `started` is when the request came in (`time.perf_counter`); `request_timeout` the `X-Request-Timeout`
+        header's value.
         """
         route, metrics = served.route, served.metrics
         request = HotRequest(scope, receive, path_params, self._dataplane)
@@ -242,6 +259,8 @@ class Front:
         if route.interactive:
             self._dataplane.interactive_requests += 1
         try:
+            if request_timeout is not None and route.interactive:
+                request.deadline_seconds = parse_request_timeout(request_timeout)
             answer = await route.handler(request)
             status, body = 200, answer.body
             headers = [(b"content-type", answer.content_type), (b"content-length", b"%d" % len(body))]
@@ -288,5 +307,29 @@ class _Mounted:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._front._serve(
-            self._served, scope["path_params"], scope, receive, send, None, time.perf_counter()
+            self._served,
+            scope["path_params"],
+            scope,
+            receive,
+            send,
+            None,
+            time.perf_counter(),
+            header(scope, b"x-request-timeout"),
         )
+
+
+def parse_request_timeout(value: bytes) -> float:
+    """The `X-Request-Timeout` header in seconds: a positive, finite number.
+
+    Raises:
+        InvalidInput: anything else.
+    """
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidInput(
+            f"X-Request-Timeout: expected a positive number of seconds, got {value.decode('latin-1')!r}"
+        )
+    return seconds

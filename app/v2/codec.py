@@ -178,6 +178,8 @@ class InferenceRequest:
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     """Request parameters other than the protocol's own, passed through to the response."""
+    timeout_seconds: float | None = None
+    """`parameters.timeout` (microseconds in the protocol, as Triton's clients send it; 0 or absent: none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +272,19 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
         binary_output=_flag(parameters.get("binary_data_output", False), "'binary_data_output'"),
         id=request_id,
         parameters={key: value for key, value in parameters.items() if key not in PROTOCOL_PARAMETERS},
+        timeout_seconds=_timeout_seconds(parameters.get("timeout")),
     )
+
+
+def _timeout_seconds(raw: Any) -> float | None:
+    """`parameters.timeout` in seconds: a non-negative integer of microseconds, 0 meaning none."""
+    if raw is None:
+        return None
+    if not _is_int(raw) or raw < 0:
+        raise InvalidInput(
+            f"'parameters.timeout' must be a non-negative integer of microseconds, got {raw!r}"
+        )
+    return raw / 1e6 if raw else None
 
 
 def encode_response(

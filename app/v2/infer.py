@@ -66,7 +66,7 @@ async def infer(request: HotRequest) -> Answer:
     decoded = decode_request(body, _header_length(request))
     _check_datatypes(model, decoded)
     wanted = _requested_outputs(model, decoded)
-    results = await dataplane.infer(model, decoded.inputs)
+    results = await dataplane.infer(model, decoded.inputs, deadline_seconds=_deadline(request, decoded))
     encoded = encode_response(
         model_name=model.name,
         model_version=str(model.version),
@@ -84,6 +84,12 @@ async def infer(request: HotRequest) -> Answer:
         headers.append((b"content-encoding", encoding.encode()))
     content_type = JSON_CONTENT if encoded.header_length is None else BINARY_CONTENT
     return Answer(content, content_type, headers)
+
+
+def _deadline(request: HotRequest, decoded: InferenceRequest) -> float | None:
+    """The sooner of the `X-Request-Timeout` header and the request's `parameters.timeout`."""
+    limits = [s for s in (request.deadline_seconds, decoded.timeout_seconds) if s is not None]
+    return min(limits) if limits else None
 
 
 def _header(request: HotRequest, name: bytes) -> str | None:

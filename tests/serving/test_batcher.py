@@ -319,6 +319,72 @@ def test_each_queued_request_expires_at_its_own_deadline() -> None:
     run(body)
 
 
+def test_a_short_client_deadline_expires_in_the_queue_and_never_runs() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model, queue_timeout_seconds=HUGE, max_delay_seconds=0.0)
+        model.hold()
+        held = await submit(batcher, rows(1))
+        await model.wait_started()
+        patient = await submit(batcher, rows(1, start=10.0), deadline_seconds=HUGE)
+        hasty = await submit(batcher, rows(1, start=20.0), deadline_seconds=0.05)
+        await queued(batcher, 2)
+        with pytest.raises(DeadlineExceeded, match=r"deadline of 0\.05 s"):
+            await asyncio.wait_for(hasty, WAIT)
+        assert not patient.done()
+        assert batcher.queued_rows == 1
+        model.release()
+        await held
+        assert (await asyncio.wait_for(patient, WAIT))["y"].tolist() == [[20.0]]
+        assert not any((batch >= 20.0).any() for batch in model.batches)  # its rows never reached the model
+        await batcher.stop()
+
+    run(body)
+
+
+def test_mixed_deadlines_expire_in_deadline_order_not_arrival_order() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model, queue_timeout_seconds=HUGE, max_delay_seconds=0.0)
+        model.hold()
+        held = await submit(batcher, rows(1))
+        await model.wait_started()
+        loop = asyncio.get_running_loop()
+        queued_at = loop.time()
+        late = await submit(batcher, rows(1, start=10.0), deadline_seconds=0.6)
+        early = await submit(batcher, rows(1, start=20.0), deadline_seconds=0.1)
+        capped = await submit(batcher, rows(1, start=30.0))  # only the huge cap: never expires here
+        await queued(batcher, 3)
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(early, WAIT)
+        assert not late.done()  # queued first, but its deadline is later
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(late, WAIT)
+        assert loop.time() - queued_at >= 0.59  # not before its own deadline (timers may fire a hair early)
+        assert not capped.done()
+        assert batcher.queued_rows == 1
+        model.release()
+        await held
+        assert (await asyncio.wait_for(capped, WAIT))["y"].tolist() == [[60.0]]
+        assert [batch.tolist() for batch in model.batches] == [[[0.0]], [[30.0]]]
+        await batcher.stop()
+
+    run(body)
+
+
+def test_the_queue_timeout_caps_a_longer_client_deadline() -> None:
+    async def body(model: Model) -> None:
+        batcher = make(model, queue_timeout_seconds=0.05)
+        model.hold()
+        held = await submit(batcher, rows(1))
+        await model.wait_started()
+        with pytest.raises(DeadlineExceeded, match=r"waited 0\.05 s"):
+            await asyncio.wait_for(batcher.submit(rows(1), 1, deadline_seconds=HUGE), WAIT)
+        model.release()
+        await held
+        await batcher.stop()
+
+    run(body)
+
+
 def test_background_rows_yield_to_waiting_foreground_rows() -> None:
     async def body(model: Model) -> None:
         batcher = make(model, max_delay_seconds=0.0)

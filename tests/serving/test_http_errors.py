@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 import orjson
@@ -104,3 +105,30 @@ def test_concurrent_batched_outputs_equal_unbatched_outputs(
         alone = model.run({"features": x})
         assert result["label_index"].tolist() == alone["label_index"].tolist()
         np.testing.assert_allclose(result["probabilities"], alone["probabilities"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("error", [Overloaded("queue full"), NotReady("loading"), DeadlineExceeded("late")])
+def test_a_burst_of_pressure_answers_logs_a_few_warnings_with_the_count(
+    error: ModelServeError, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("app.http.errors.monotonic", lambda: now[0])
+    monkeypatch.setattr("app.http.errors._quieted", {})
+    with caplog.at_level(logging.INFO, logger="app.http.errors"):
+        for _ in range(600):
+            assert error_parts(error)[0] in (503, 504)
+            now[0] += 2**-9  # 600 answers in 1.17 s (a step that adds up exactly)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.WARNING]
+    name = type(error).__name__
+    assert lines[0][1] == f"{name}: {error.message}"
+    assert lines[1][1] == f"{name}: {error.message} (and 511 more in the last 1.0 s)"
+
+
+def test_a_genuine_500_stays_an_error_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="app.http.errors"):
+        errors = [RuntimeError(f"boom {i}") for i in range(3)]
+        for error in errors:
+            assert error_parts(error)[0] == 500
+    assert [r.levelno for r in caplog.records] == [logging.ERROR] * 3
+    assert [r.exc_info[1] if r.exc_info else None for r in caplog.records] == errors

@@ -457,3 +457,16 @@ def test_any_request_decodes_or_is_refused_with_invalid_input(
 def test_random_bytes_are_refused_with_invalid_input(body: bytes, header_length: int | None) -> None:
     with contextlib.suppress(InvalidInput):
         decode_request(body, header_length)
+
+
+def test_timeout_parameter_is_read_in_microseconds_as_tritonclient_sends_it() -> None:
+    tensor = InferInput("x", [1], "FP32")
+    tensor.set_data_from_numpy(np.ones(1, np.float32), binary_data=False)
+    body, _ = _get_inference_request([tensor], "", None, 0, False, False, 0, 250_000, None)
+    decoded = decode_request(body)
+    assert decoded.timeout_seconds == 0.25
+    assert "timeout" not in decoded.parameters  # the protocol's own: not echoed
+    no_limit = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "parameters": {}}
+    assert decode_request(orjson.dumps(no_limit)).timeout_seconds is None
+    no_limit["parameters"] = {"timeout": 0}
+    assert decode_request(orjson.dumps(no_limit)).timeout_seconds is None
