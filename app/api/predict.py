@@ -15,7 +15,7 @@ from app.api.schemas import PredictRequest, PredictResponse
 from app.errors import InvalidInput
 from app.http.asgi import require_json
 from app.http.front import Answer, HotRequest
-from app.http.openapi import JSON_TYPE, Operation
+from app.http.openapi import JSON_TYPE, REQUEST_TIMEOUT_HEADER, REQUEST_TIMEOUT_SCHEMA, Operation
 from app.http.params import parse_version
 from app.model_card import (
     LABEL_INDEX_OUTPUT,
@@ -48,6 +48,8 @@ PREDICT_OPERATION = Operation(
         504: "Waited too long in the queue",
     },
     body={JSON_TYPE: PredictRequest},
+    headers=(REQUEST_TIMEOUT_HEADER,),
+    parameters={REQUEST_TIMEOUT_HEADER: REQUEST_TIMEOUT_SCHEMA},
 )
 
 

@@ -78,8 +78,10 @@ class Operation:
     body_description: str | None = None
     query: tuple[str, ...] = ()
     """Optional query parameters."""
+    headers: tuple[str, ...] = ()
+    """Optional request headers the route reads (their schemas in `parameters`)."""
     parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    """Path or query parameter name → the schema of its value (default: any string)."""
+    """Path, query or header parameter name → the schema of its value (default: any string)."""
     security: tuple[str, ...] = ()
     """Security schemes (components) that the route reads; one of them suffices."""
 
@@ -97,13 +99,20 @@ class Operation:
         if self.answer is not None:
             ok["content"] = _content({JSON_TYPE: self.answer})
         error = _content({JSON_TYPE: ErrorResponse})
-        parameters = [
-            {"name": name, "in": "path", "required": True, "schema": self._parameter_schema(name)}
-            for name in _PATH_PARAMETER.findall(path)
-        ] + [
-            {"name": name, "in": "query", "required": False, "schema": self._parameter_schema(name)}
-            for name in self.query
-        ]
+        parameters = (
+            [
+                {"name": name, "in": "path", "required": True, "schema": self._parameter_schema(name)}
+                for name in _PATH_PARAMETER.findall(path)
+            ]
+            + [
+                {"name": name, "in": "query", "required": False, "schema": self._parameter_schema(name)}
+                for name in self.query
+            ]
+            + [
+                {"name": name, "in": "header", "required": False, "schema": self._parameter_schema(name)}
+                for name in self.headers
+            ]
+        )
         operation: dict[str, Any] = {
             "tags": list(self.tags),
             "summary": self.summary,
@@ -184,3 +193,13 @@ def install_openapi(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
+REQUEST_TIMEOUT_SCHEMA: Mapping[str, Any] = {
+    "type": "number",
+    "exclusiveMinimum": 0,
+    "description": "seconds the request may wait in the queue (capped by the server's queue timeout); "
+    "still queued then: 504, and it never runs",
+}
+"""The optional queue-deadline header of the interactive routes."""

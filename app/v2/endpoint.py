@@ -81,6 +81,7 @@ def v2_route(
     body_description: str | None = None,
     errors: tuple[int, ...] = (400, 404, 503),
     security: tuple[str, ...] = (),
+    headers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Callable[[AnyHandler], V2Route[AnyHandler]]:
     """Declare a handler for `paths`, documented by `summary`, its docstring, its answer, its errors and the
     security schemes it reads."""
@@ -95,7 +96,8 @@ def v2_route(
             errors={code: ERROR_DESCRIPTIONS[code] for code in errors},
             body=body,
             body_description=body_description,
-            parameters=PATH_PARAMETERS,
+            parameters={**PATH_PARAMETERS, **(headers or {})},
+            headers=tuple(headers or ()),
             security=security,
         )
         return V2Route(handler, method, paths, operation)

@@ -17,7 +17,7 @@ import numpy as np
 from app.errors import InvalidInput
 from app.http.asgi import Headers, header
 from app.http.front import Answer, HotRequest
-from app.http.openapi import BINARY_SCHEMA, JSON_TYPE
+from app.http.openapi import BINARY_SCHEMA, JSON_TYPE, REQUEST_TIMEOUT_HEADER, REQUEST_TIMEOUT_SCHEMA
 from app.model_card import PROBABILITIES_OUTPUT
 from app.repository import LoadedModel
 from app.v2 import compression
@@ -54,6 +54,7 @@ BINARY_CONTENT: Final = BINARY_TYPE.encode()
         "elements: 4-byte length + bytes). `Content-Encoding: gzip | deflate` compresses either form."
     ),
     errors=(400, 404, 413, 415, 503, 504),
+    headers={REQUEST_TIMEOUT_HEADER: REQUEST_TIMEOUT_SCHEMA},
 )
 async def infer(request: HotRequest) -> Answer:
     """Decode (JSON or binary, maybe compressed), run through the shared core, encode as asked."""
