@@ -448,7 +448,27 @@ class DataPlane:
             InvalidInput: see `LoadedModel.validate_inputs`.
             Overloaded, DeadlineExceeded, NotReady, InferenceFailed: see `Batcher.submit`.
         """
-        arrays = model.validate_inputs(inputs)
+        return await self.run_validated(
+            model,
+            model.validate_inputs(inputs),
+            background=background,
+            deadline_seconds=deadline_seconds,
+        )
+
+    async def run_validated(
+        self,
+        model: LoadedModel,
+        arrays: Tensors,
+        *,
+        background: bool = False,
+        deadline_seconds: float | None = None,
+    ) -> Tensors:
+        """`infer` for arrays that `model.validate_inputs` already returned (`/evaluate` validates each
+        chunk once, naming its rows, then runs it in pieces): the same batcher, without checking again.
+
+        Raises:
+            Overloaded, DeadlineExceeded, NotReady, InferenceFailed: see `Batcher.submit`.
+        """
         rows = next(iter(arrays.values())).shape[0]
         entry = self._entries.get(model.name, {}).get(model.version)
         if entry is None or entry.batcher is None or entry.model is not model:

@@ -4,9 +4,9 @@ NPZ upload.
 The body is never handed to FastAPI: a JSON body is read whole (bounded by the body limit) and parsed by
 orjson; a streamed upload is read from the ASGI ``receive`` channel chunk by chunk, so a million-row CSV
 is scored in bounded memory. A streamed body names the model (and, for CSV, the label column) in the
-query string: ``POST /evaluate?model=digits&label_column=label``. Each chunk goes through
-`DataPlane.infer(..., background=True)`, the same batcher as `/predict`, in pieces of one batch, so
-`/predict` rows are served first.
+query string: ``POST /evaluate?model=digits&label_column=label``. Each chunk is validated once (by the
+runner) and goes through `DataPlane.run_validated(..., background=True)`, the same batcher as `/predict`, in
+pieces of one batch, so `/predict` rows are served first.
 
 After every evaluation ``modelserve_evaluation_score{model,metric}`` holds its scalar scores.
 """
@@ -101,7 +101,8 @@ class EvaluateEndpoint:
         self._interactive_seen_at = -math.inf
 
     async def _infer(self, model: Any, inputs: Tensors) -> Tensors:
-        outputs: Tensors = await self.dataplane.infer(model, dict(inputs), background=True)
+        # the runner validated the chunk these rows come from
+        outputs: Tensors = await self.dataplane.run_validated(model, dict(inputs), background=True)
         return outputs
 
     def _interactive_in_flight(self) -> bool:

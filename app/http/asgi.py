@@ -111,8 +111,3 @@ class RequestBody:
 
 def _too_large(limit: int) -> str:
     return f"request body over the limit of {limit} bytes; send fewer rows per request"
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, at most `limit` bytes (see `RequestBody.read`)."""
-    return await RequestBody(scope, receive).read(limit)

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from app.dataplane import DataPlane
 from app.errors import InvalidInput
 from app.http.admin import ADMIN_KEY, require_admin
-from app.http.asgi import read_body
+from app.http.asgi import RequestBody
 from app.v2.endpoint import dataplane_of, json_response, v2_route
 
 _REPOSITORY_STATES: Final = {
@@ -99,7 +99,7 @@ async def _repository(request: Request) -> DataPlane:
 
 async def _options(request: Request, dataplane: DataPlane) -> dict[str, Any]:
     """The optional JSON object body of a repository request (at most the settings' body limit)."""
-    body = await read_body(request.scope, request.receive, dataplane.settings.max_body_bytes)
+    body = await RequestBody(request.scope, request.receive).read(dataplane.settings.max_body_bytes)
     if not body.strip():
         return {}
     try:
