@@ -10,6 +10,7 @@ Every collective here is a no-op in a single-process context, so callers need no
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -158,8 +159,23 @@ def distributed_session(backend: str = "auto") -> Iterator[DistContext]:
         log.info("distributed: %d processes, backend %s, device %s", env.world_size, name, device.type)
     try:
         yield context
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may never reach one
+        raise
+    _leave_together()
+
+
+def _leave_together() -> None:
+    """Tear the group down on every rank at once, with nothing of it left for interpreter exit.
+
+    Objects that still hold the group (a DDP reducer kept by a reference cycle) are collected while
+    the group and the interpreter are fully alive, and the barrier keeps any rank from closing its
+    connections while another still uses them: gloo aborts the process ("terminate called without an
+    active exception") when its threads are torn down during interpreter finalization.
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
