@@ -13,7 +13,8 @@ usual reading: below 0.1 stable, 0.1 to 0.2 a moderate shift, above `PSI_ALARM` 
 
 Cheap on the hot path: a request only appends references to its arrays; once `FLUSH_ROWS` rows are pending
 (or `FLUSH_SECONDS` after the first of them) they are binned together, vectorised, and the gauges are set.
-The window is `WINDOW_SEGMENTS` segments of rows: the newest fills, then the oldest is dropped whole.
+The window is `WINDOW_SEGMENTS` segments of rows: the newest fills, then the oldest is emptied for the next
+rows, so a report covers between nine tenths of the window and all of it.
 
 Each worker process counts the rows it serves: with several workers, a report and the gauges are that
 worker's share of the traffic (the gauges keep the most recent value of the live workers).
@@ -144,17 +145,7 @@ class DriftMonitor:
         if not pending:
             return
         try:
-            codes, rows = self._bin(pending)
-            if rows >= self.window_rows:  # more than the whole window at once: only these rows remain
-                self._counts[:] = 0
-                self._filled[:] = 0
-            segment = self._segment
-            self._counts[segment] += np.bincount(codes, minlength=self._counts.shape[1])
-            self._filled[segment] += rows
-            if self._filled[segment] >= self._segment_rows:
-                self._segment = (segment + 1) % WINDOW_SEGMENTS
-                self._counts[self._segment] = 0
-                self._filled[self._segment] = 0
+            self._add(self._bin(pending)[-self.window_rows :])
             self._set_gauges()
         except Exception:
             if not self._failed:  # a bug, not the client's: say it once, keep serving
@@ -164,22 +155,39 @@ class DriftMonitor:
                     extra={"model": self.name, "version": self.version},
                 )
 
-    def _bin(self, pending: list[tuple[Tensors, Tensors]]) -> tuple[np.ndarray, int]:
-        """The flat bin index of every tracked quantity (and predicted class) of the pending rows."""
+    def _bin(self, pending: list[tuple[Tensors, Tensors]]) -> np.ndarray:
+        """The flat bin index of each tracked quantity (and the predicted class) of each pending row:
+        `[rows, blocks]`, -1 for a predicted class out of range."""
         # Requests whose inputs have the same shape are stacked and summarised together.
-        groups: dict[tuple[tuple[str, tuple[int, ...]], ...], list[Tensors]] = {}
-        for inputs, _ in pending:
+        groups: dict[tuple[tuple[str, tuple[int, ...]], ...], list[tuple[Tensors, Tensors]]] = {}
+        for inputs, outputs in pending:
             key = tuple((name, value.shape[1:]) for name, value in inputs.items())
-            groups.setdefault(key, []).append(inputs)
-        values = np.concatenate(
-            [row_statistics(self._features, self.modality, _stack(group)) for group in groups.values()]
-        )
-        codes = [bin_index(edges, values[:, j]) + self._starts[j] for j, edges in enumerate(self._edges)]
-        if self._labels:
-            predicted = np.concatenate([_predicted(outputs) for _, outputs in pending])
-            predicted = predicted[(predicted >= 0) & (predicted < len(self._labels))]
-            codes.append(predicted + self._starts[-1])
-        return np.concatenate(codes), len(values)
+            groups.setdefault(key, []).append((inputs, outputs))
+        blocks = []
+        for group in groups.values():
+            values = row_statistics(self._features, self.modality, _stack([inputs for inputs, _ in group]))
+            codes = [bin_index(edges, values[:, j]) for j, edges in enumerate(self._edges)]
+            if self._labels:
+                predicted = np.concatenate([_predicted(outputs) for _, outputs in group])
+                codes.append(np.where((predicted >= 0) & (predicted < len(self._labels)), predicted, -1))
+            blocks.append(np.stack(codes, axis=1))
+        stacked = np.concatenate(blocks)
+        flat: np.ndarray = np.where(stacked >= 0, stacked + self._starts, -1)
+        return flat
+
+    def _add(self, codes: np.ndarray) -> None:
+        """Count binned rows into the newest segment, moving on to the next (emptied) one when it is full."""
+        start = 0
+        while start < len(codes):
+            segment = self._segment
+            rows = codes[start : start + self._segment_rows - int(self._filled[segment])]
+            self._counts[segment] += np.bincount(rows[rows >= 0], minlength=self._counts.shape[1])
+            self._filled[segment] += len(rows)
+            start += len(rows)
+            if self._filled[segment] >= self._segment_rows:
+                self._segment = (segment + 1) % WINDOW_SEGMENTS
+                self._counts[self._segment] = 0
+                self._filled[self._segment] = 0
 
     # ---------------------------------------------------------------------------------------- reporting
     def _window(self) -> tuple[np.ndarray, int]:
