@@ -219,24 +219,22 @@ def row_statistics(
         columns = [feature.column or 0 for feature in features]
         return data[:, columns].astype(np.float64)
     flat = data.reshape(len(data), -1).astype(np.float64)
-    # Sequences: only the real steps count (each step's channels are consecutive in `flat`).
     steps = np.asarray(inputs[MASK_INPUT], dtype=bool) if modality == "sequence" else None
-    weights = None if steps is None else np.repeat(steps, flat.shape[1] // max(steps.shape[1], 1), axis=1)
-    count: np.ndarray = np.maximum(flat.shape[1] if weights is None else weights.sum(axis=1), 1)
-
-    def row_mean(values: np.ndarray) -> np.ndarray:
-        means: np.ndarray = (values if weights is None else values * weights).sum(axis=1) / count
-        return means
-
-    mean = row_mean(flat)
+    if steps is None:
+        count: Any = flat.shape[1]
+    else:  # only the real steps count: padding is zeroed (each step's channels are consecutive in `flat`)
+        weights = np.repeat(steps, flat.shape[1] // max(steps.shape[1], 1), axis=1)
+        flat *= weights
+        count = np.maximum(weights.sum(axis=1), 1)
+    mean = flat.sum(axis=1) / count
     out = np.empty((len(data), len(features)))
     for j, feature in enumerate(features):
         if feature.statistic == "mean":
             out[:, j] = mean
         elif feature.statistic == "std":
-            out[:, j] = np.sqrt(np.maximum(row_mean(flat * flat) - mean * mean, 0.0))
+            out[:, j] = np.sqrt(np.maximum(np.einsum("ij,ij->i", flat, flat) / count - mean * mean, 0.0))
         elif feature.statistic == "nonzero_fraction":
-            out[:, j] = row_mean((flat != 0).astype(np.float64))
+            out[:, j] = np.count_nonzero(flat, axis=1) / count
         elif feature.statistic == "length" and steps is not None:
             out[:, j] = steps.sum(axis=1)
         else:

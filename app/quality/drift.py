@@ -12,7 +12,9 @@ of about `drift_window_rows` rows, and reports for each quantity the population 
 usual reading: below 0.1 stable, 0.1 to 0.2 a moderate shift, above `PSI_ALARM` (0.2) a significant one.
 
 Cheap on the hot path: a request only appends references to its arrays; once `FLUSH_ROWS` rows are pending
-(or `FLUSH_SECONDS` after the first of them) they are binned together, vectorised, and the gauges are set.
+(or `FLUSH_SECONDS` after the first of them) they are binned together, vectorised, and the gauges are set
+(at most every `GAUGE_SECONDS`). Under heavy traffic only a random sample of the requests is binned, about
+`SAMPLED_ROWS_PER_SECOND` rows a second.
 The window is `WINDOW_SEGMENTS` segments of rows: the newest fills, then the oldest is emptied for the next
 rows, so a report covers between nine tenths of the window and all of it.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Mapping
@@ -51,8 +54,13 @@ PSI_ALARM = 0.2
 """The usual alarm level: a PSI above it is a significant shift."""
 MIN_ROWS = 100
 """Rows the window needs before a PSI is reported or set as a gauge (fewer: mostly sampling noise)."""
-FLUSH_ROWS = 256
+SAMPLED_ROWS_PER_SECOND = 4096
+"""Served rows binned per second at most: above it, each request is binned with the probability that keeps
+about this many (the PSI needs a sample, and binning then costs a bounded share of a core)."""
+FLUSH_ROWS = 1024
 FLUSH_SECONDS = 1.0
+GAUGE_SECONDS = 1.0
+"""Least time between two updates of the gauges (a report updates them too)."""
 WINDOW_SEGMENTS = 10
 
 Tensors = Mapping[str, np.ndarray]
@@ -77,8 +85,9 @@ class PredictionDrift(BaseModel):
 class DriftReport(BaseModel):
     """The input drift of one served model version in this worker process."""
 
-    window_rows: int = Field(description="rows the window holds at most (about)")
+    window_rows: int = Field(description="rows the window holds at most")
     rows: int = Field(description="served rows in the window now")
+    sampled_share: float = Field(description="share of the served requests binned now (1: all of them)")
     min_rows: int = Field(description="rows needed before a PSI is reported")
     psi_alarm: float = Field(description="the usual alarm level of a PSI")
     features: list[FeatureDrift]
@@ -113,6 +122,7 @@ class DriftMonitor:
         # Every quantity's bins, then the classes', side by side in one flat array of counts.
         sizes = [len(shares) for shares in expected]
         self._starts = np.cumsum([0, *sizes[:-1]])
+        self._sizes = np.array(sizes)
         self._expected = np.maximum(np.concatenate(expected), PSI_EPSILON)
         self._segment_rows = max(1, math.ceil(window_rows / WINDOW_SEGMENTS))
         self._counts = np.zeros((WINDOW_SEGMENTS, sum(sizes)), dtype=np.int64)
@@ -125,19 +135,35 @@ class DriftMonitor:
         self._failed = False
         self._metrics = metrics
         self._gauges: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._gauges_set_at = -math.inf
+        self.sampled_share = 1.0
+        """Share of the served requests binned: 1 until the traffic exceeds `SAMPLED_ROWS_PER_SECOND`."""
+        self._seen_rows = 0
+        self._rate_since = time.monotonic()
+        self._random = random.Random()  # noqa: S311 - sampling, not security
 
     # ---------------------------------------------------------------------------------------- counting
     def observe(self, inputs: Tensors, outputs: Tensors) -> None:
-        """Count the rows of one answered request (its graph inputs and outputs); never raises."""
+        """Count the rows of one answered request (its graph inputs and outputs), or skip them when the
+        traffic is sampled; never raises."""
         rows = len(next(iter(inputs.values())))
         now = time.monotonic()
         with self._lock:
+            self._seen_rows += rows
+            if now - self._rate_since >= FLUSH_SECONDS:  # the sampling share for the next second
+                rate = self._seen_rows / (now - self._rate_since)
+                self.sampled_share = min(1.0, SAMPLED_ROWS_PER_SECOND / rate)
+                self._seen_rows, self._rate_since = 0, now
+            if self.sampled_share < 1.0 and self._random.random() >= self.sampled_share:
+                return
             if not self._pending:
                 self._pending_since = now
             self._pending.append((inputs, outputs))
             self._pending_rows += rows
             if self._pending_rows >= FLUSH_ROWS or now - self._pending_since >= FLUSH_SECONDS:
                 self._flush()
+                if now - self._gauges_set_at >= GAUGE_SECONDS:
+                    self._set_gauges(now)
 
     def _flush(self) -> None:
         """Bin the pending rows into the newest segment and update the gauges (under the lock)."""
@@ -146,14 +172,17 @@ class DriftMonitor:
             return
         try:
             self._add(self._bin(pending)[-self.window_rows :])
-            self._set_gauges()
         except Exception:
-            if not self._failed:  # a bug, not the client's: say it once, keep serving
-                self._failed = True
-                logger.exception(
-                    "drift monitoring could not count served rows; they are left out",
-                    extra={"model": self.name, "version": self.version},
-                )
+            self._log_failure_once()
+
+    def _log_failure_once(self) -> None:
+        """A failure of the monitor is a bug, not the client's: say it once (in the handler), keep serving."""
+        if not self._failed:
+            self._failed = True
+            logger.exception(
+                "drift monitoring failed; the rows or gauges concerned are left out",
+                extra={"model": self.name, "version": self.version},
+            )
 
     def _bin(self, pending: list[tuple[Tensors, Tensors]]) -> np.ndarray:
         """The flat bin index of each tracked quantity (and the predicted class) of each pending row:
@@ -196,7 +225,7 @@ class DriftMonitor:
     def _psi(self, counts: np.ndarray) -> np.ndarray:
         """The PSI of each block of bins (each quantity, then the classes) from the window's counts."""
         totals = np.add.reduceat(counts, self._starts)
-        block_totals = np.repeat(np.maximum(totals, 1), np.diff([*self._starts, len(counts)]))
+        block_totals = np.repeat(np.maximum(totals, 1), self._sizes)
         served = np.maximum(counts / block_totals, PSI_EPSILON)
         terms = (served - self._expected) * np.log(served / self._expected)
         psi: np.ndarray = np.add.reduceat(terms, self._starts)
@@ -206,6 +235,7 @@ class DriftMonitor:
         """The drift over the window now (pending rows binned first)."""
         with self._lock:
             self._flush()
+            self._set_gauges(time.monotonic())
             counts, rows = self._window()
         psi = [round(float(value), 6) for value in self._psi(counts)] if rows >= MIN_ROWS else None
         features = [
@@ -222,6 +252,7 @@ class DriftMonitor:
         return DriftReport(
             window_rows=self.window_rows,
             rows=rows,
+            sampled_share=round(self.sampled_share, 6),
             min_rows=MIN_ROWS,
             psi_alarm=PSI_ALARM,
             features=features,
@@ -244,10 +275,18 @@ class DriftMonitor:
             child = self._gauges[key] = metric.labels(self.name, self.version, *labels)
         return child
 
-    def _set_gauges(self) -> None:
+    def _set_gauges(self, now: float) -> None:
+        """Set the gauges from the window (under the lock; never raises: a failure is logged once)."""
         metrics = self._metrics
         if metrics is None:
             return
+        self._gauges_set_at = now
+        try:
+            self._set_gauge_values(metrics)
+        except Exception:
+            self._log_failure_once()
+
+    def _set_gauge_values(self, metrics: PrometheusMetrics) -> None:
         counts, rows = self._window()
         self._gauge(metrics.drift_window_rows).set(rows)
         if rows < MIN_ROWS:

@@ -18,6 +18,7 @@ from sklearn.datasets import load_wine
 from app.dataplane import DataPlane
 from app.main import create_app
 from app.model_card import CARD_FILENAME, ModelCard, TrainingSummary, row_statistics, summarize_training_split
+from app.quality import drift
 from app.quality.drift import MIN_ROWS, PSI_EPSILON, WINDOW_SEGMENTS, DriftMonitor
 from app.settings import Settings
 from tests.factories import (
@@ -33,6 +34,12 @@ SHIPPED = Path(__file__).resolve().parents[2] / "models"
 MEANS = np.array([0.0, 1.0, -1.0, 0.5])
 SCALES = np.array([1.0, 2.0, 0.5, 3.0])
 FEATURE_NAMES = ["f0", "f1", "f2", "f3"]
+
+
+@pytest.fixture(autouse=True)
+def every_row_binned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact row counts: no sampling, however fast the tests send rows (one test sets its own rate)."""
+    monkeypatch.setattr(drift, "SAMPLED_ROWS_PER_SECOND", 10**12)
 
 
 def training_rows(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -331,3 +338,23 @@ def test_the_shipped_wine_model_sees_its_own_data_as_steady_and_a_shift_as_drift
         drifted = {f["name"]: f["psi"] for f in drift_of(client, "wine")["features"]}
         assert drifted.pop("alcohol") > 0.2
         assert max(drifted.values()) < 0.1, drifted
+
+
+def test_heavy_traffic_is_sampled(drift_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    card = ModelCard.read(drift_repository / "steady" / "1" / CARD_FILENAME)
+    assert card.training_summary is not None
+    clock = [1000.0]
+    monkeypatch.setattr(drift.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(drift, "SAMPLED_ROWS_PER_SECOND", 500)
+    monitor = DriftMonitor(card, card.training_summary, window_rows=100_000, metrics=None)
+    rng = np.random.default_rng(9)
+    outputs = {"label_index": np.zeros(50, dtype=np.int64)}
+    for _ in range(10):  # ten seconds of 5000 rows each, in requests of 50
+        for _ in range(100):
+            monitor.observe({"features": training_rows(rng, 50)}, outputs)
+        clock[0] += 1.0
+    report = monitor.report()
+    assert report.sampled_share == pytest.approx(0.1)
+    # The first second is binned whole (no rate known yet), then about 500 rows a second.
+    assert 5000 + 9 * 500 * 0.7 < report.rows < 5000 + 9 * 500 * 1.3
+    assert all(feature.psi is not None and feature.psi < 0.05 for feature in report.features)
