@@ -333,6 +333,11 @@ class ModelCard(_Strict):
         names = [feature.name for feature in summary.features]
         if len(set(names)) != len(names):
             raise ValueError("'training_summary' must not repeat a feature name")
+        missing = set(INPUT_NAMES[self.modality]) - {spec.name for spec in self.inputs}
+        if missing:
+            raise ValueError(
+                f"'training_summary' of a {self.modality} card needs the inputs {sorted(missing)}"
+            )
         allowed = ("value",) if self.modality == "tabular" else ROW_STATISTICS[self.modality]
         width = next((spec.shape[1] for spec in self.inputs if spec.name == FEATURES_INPUT), -1)
         for feature in summary.features:

@@ -166,7 +166,7 @@ class DriftMonitor:
                     self._set_gauges(now)
 
     def _flush(self) -> None:
-        """Bin the pending rows into the newest segment and update the gauges (under the lock)."""
+        """Bin the pending rows into the window (under the lock; never raises: a failure is logged once)."""
         pending, self._pending, self._pending_rows = self._pending, [], 0
         if not pending:
             return

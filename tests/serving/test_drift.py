@@ -190,6 +190,9 @@ def test_a_card_rejects_a_summary_that_does_not_fit_it(drift_repository: Path) -
     images = summarize_training_split("image", {"image": np.ones((10, 1, 2, 2), dtype=np.float32)})
     with pytest.raises(ValueError, match="cannot track 'mean'"):
         ModelCard.model_validate(dumped | {"training_summary": images.model_dump()})
+    renamed = [spec.model_dump() | {"name": "counts"} for spec in card.inputs]
+    with pytest.raises(ValueError, match=r"needs the inputs \['features'\]"):
+        ModelCard.model_validate(dumped | {"inputs": renamed})
     priors = card.training_summary.model_dump() | {"class_priors": {"a": 1.0}}
     with pytest.raises(ValueError, match="one share per label"):
         ModelCard.model_validate(dumped | {"training_summary": priors})
