@@ -30,6 +30,7 @@ from app.batcher import Batcher, Tensors, split_rows
 from app.errors import ModelNotFound, NotReady
 from app.model_card import CARD_FILENAME, ONNX_FILENAME, TensorSpec
 from app.observability import PrometheusMetrics
+from app.quality.drift import DriftMonitor, DriftReport
 from app.repository import LoadedModel, ModelLoadError, ModelSource, load_model, scan_repository
 from app.session import resolve_providers
 from app.settings import Settings
@@ -73,6 +74,8 @@ class _Entry:
     reason: str | None = None
     model: LoadedModel | None = None
     batcher: Batcher | None = None
+    drift: DriftMonitor | None = None
+    """Counts the rows it serves against its card's training summary (None: no summary, or tracking off)."""
     retired: bool = False
     """Not served by the version policy, or its folder is gone: a request naming it gets 404, not 503."""
     removed: bool = False
@@ -271,6 +274,7 @@ class DataPlane:
             return
         # The swap: from here on no await, so every request sees either the old versions or the new set.
         entry.model, entry.batcher = model, self._batcher_for(model)
+        entry.drift = DriftMonitor.for_card(model.card, self.settings.drift_window_rows, self.metrics)
         entry.batcher.start()
         entry.state = "ready"
         self._apply_policy(name)
@@ -356,6 +360,8 @@ class DataPlane:
         # prometheus_client cannot remove a label from the files that worker processes share.
         if (current is None or current.state != "ready") and self.settings.prometheus_multiproc_dir is None:
             self.metrics.model_load_seconds.remove(name, str(version))
+            if entry.drift is not None:
+                entry.drift.remove_gauges()
         logger.info("model version released", extra={"model": name, "version": version})
 
     # ------------------------------------------------------------------------------------------ queries
@@ -477,10 +483,22 @@ class DataPlane:
                 self.settings.retry_after_seconds,
             )
         if not self.settings.batching:
-            return await self._run_alone(model, arrays, rows)
-        return await entry.batcher.submit(
-            arrays, rows, background=background, deadline_seconds=deadline_seconds
-        )
+            outputs = await self._run_alone(model, arrays, rows)
+        else:
+            outputs = await entry.batcher.submit(
+                arrays, rows, background=background, deadline_seconds=deadline_seconds
+            )
+        if entry.drift is not None and not background:  # bulk work (`/evaluate`) is not live traffic
+            entry.drift.observe(arrays, outputs)
+        return outputs
+
+    def drift_report(self, model: LoadedModel) -> DriftReport | None:
+        """The input drift of a version from `get_model`, as this process served it (None: its card carries
+        no training summary, or `drift_window_rows` is 0)."""
+        entry = self._entries.get(model.name, {}).get(model.version)
+        if entry is None or entry.model is not model or entry.drift is None:
+            return None
+        return entry.drift.report()
 
     async def _run_alone(self, model: LoadedModel, arrays: Tensors, rows: int) -> Tensors:
         """The unbatched path (`batching` off): one onnxruntime call per request, still off the loop."""

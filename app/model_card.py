@@ -17,10 +17,13 @@ Tensor conventions every exported model follows (the server relies on them):
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CARD_FILENAME = "model.json"
@@ -149,6 +152,140 @@ class QuantizationInfo(_Strict):
     latency: list[LatencyChange] = Field(default_factory=list)
 
 
+SUMMARY_BINS = 10
+"""Quantile bins per tracked quantity of a training summary (fewer where quantiles coincide)."""
+MAX_SUMMARY_FEATURES = 64
+"""Most quantities a training summary tracks: a wider tabular input has its first 64 columns tracked."""
+
+Statistic = Literal["value", "mean", "std", "nonzero_fraction", "length"]
+# The per-row quantities tracked for images and sequences (tabular rows are tracked column by column).
+ROW_STATISTICS: dict[Modality, tuple[Statistic, ...]] = {
+    "image": ("mean", "std", "nonzero_fraction"),
+    "sequence": ("length", "mean", "std"),
+}
+
+
+class BinnedFeature(_Strict):
+    """One quantity computed per input row, and how the training split's rows spread over its bins."""
+
+    name: str = Field(min_length=1, max_length=128, description="the column's name, or the statistic's")
+    statistic: Statistic = Field(
+        description="value: one column of `features`; mean | std | nonzero_fraction: over a row's values "
+        "(a sequence's real steps only); length: a sequence's real steps"
+    )
+    column: int | None = Field(default=None, ge=0, description="the column of a `value` quantity")
+    edges: list[float] = Field(
+        description="interior bin edges, increasing: bin 0 is below edges[0], bin i holds "
+        "edges[i-1] <= x < edges[i], the last bin is from edges[-1] up"
+    )
+    fractions: list[float] = Field(description="share of the training rows in each bin (one more than edges)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BinnedFeature:
+        if (self.statistic == "value") != (self.column is not None):
+            raise ValueError("a 'column' is given exactly for the 'value' statistic")
+        if not all(math.isfinite(edge) for edge in self.edges) or any(
+            low >= high for low, high in zip(self.edges, self.edges[1:], strict=False)
+        ):
+            raise ValueError("'edges' must be finite and strictly increasing")
+        if len(self.fractions) != len(self.edges) + 1:
+            raise ValueError("'fractions' needs one share per bin: one more than 'edges'")
+        if any(not 0 <= share <= 1 for share in self.fractions) or abs(sum(self.fractions) - 1) > 1e-3:
+            raise ValueError("'fractions' must be shares in [0, 1] that sum to 1")
+        return self
+
+
+class TrainingSummary(_Strict):
+    """A compact picture of the training split's inputs (and classes), the reference of input drift."""
+
+    rows: int = Field(ge=1, description="training rows summarised")
+    features: list[BinnedFeature] = Field(min_length=1, max_length=MAX_SUMMARY_FEATURES)
+    class_priors: dict[str, float] | None = Field(
+        default=None, description="classification: share of each label among the training rows"
+    )
+
+
+def bin_index(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The bin of each value (see `BinnedFeature.edges`)."""
+    return np.searchsorted(edges, values, side="right")
+
+
+def row_statistics(
+    features: Sequence[BinnedFeature], modality: Modality, inputs: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """Each tracked quantity of each row of a model's graph inputs: float64 `[rows, len(features)]`."""
+    data = np.asarray(inputs[INPUT_NAMES[modality][0]])
+    if modality == "tabular":  # `value` quantities only (the card checks it): the columns themselves
+        columns = [feature.column or 0 for feature in features]
+        return data[:, columns].astype(np.float64)
+    flat = data.reshape(len(data), -1).astype(np.float64)
+    steps = np.asarray(inputs[MASK_INPUT], dtype=bool) if modality == "sequence" else None
+    if steps is None:
+        count: Any = flat.shape[1]
+    else:  # only the real steps count: padding is zeroed (each step's channels are consecutive in `flat`)
+        weights = np.repeat(steps, flat.shape[1] // max(steps.shape[1], 1), axis=1)
+        flat *= weights
+        count = np.maximum(weights.sum(axis=1), 1)
+    mean = flat.sum(axis=1) / count
+    out = np.empty((len(data), len(features)))
+    for j, feature in enumerate(features):
+        if feature.statistic == "mean":
+            out[:, j] = mean
+        elif feature.statistic == "std":
+            out[:, j] = np.sqrt(np.maximum(np.einsum("ij,ij->i", flat, flat) / count - mean * mean, 0.0))
+        elif feature.statistic == "nonzero_fraction":
+            out[:, j] = np.count_nonzero(flat, axis=1) / count
+        elif feature.statistic == "length" and steps is not None:
+            out[:, j] = steps.sum(axis=1)
+        else:
+            raise ValueError(f"a {modality} input has no per-row {feature.statistic!r}")
+    return out
+
+
+def summarize_training_split(
+    modality: Modality,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    feature_names: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    targets: np.ndarray | None = None,
+) -> TrainingSummary:
+    """The training summary of a split, from its graph inputs (what clients send) and class targets.
+
+    Tabular rows are tracked per column (the first `MAX_SUMMARY_FEATURES`), named by `feature_names` when
+    those are unique and complete; images and sequences by the quantities of `ROW_STATISTICS`.
+    """
+    if modality == "tabular":
+        width = int(inputs[FEATURES_INPUT].shape[1])
+        names = list(feature_names or [])
+        if len(names) != width or len(set(names)) != width:
+            names = [f"feature_{i}" for i in range(width)]
+        shells = [
+            BinnedFeature(name=names[i], statistic="value", column=i, edges=[], fractions=[1.0])
+            for i in range(min(width, MAX_SUMMARY_FEATURES))
+        ]
+    else:
+        shells = [
+            BinnedFeature(name=statistic, statistic=statistic, edges=[], fractions=[1.0])
+            for statistic in ROW_STATISTICS[modality]
+        ]
+    values = row_statistics(shells, modality, inputs)
+    rows = len(values)
+    quantiles = np.linspace(0, 1, SUMMARY_BINS + 1)[1:-1]
+    features = []
+    for j, shell in enumerate(shells):
+        # Rounded for a compact card; the training shares are counted against the rounded edges.
+        edges = np.unique([float(f"{q:.6g}") for q in np.quantile(values[:, j], quantiles)])
+        counts = np.bincount(bin_index(edges, values[:, j]), minlength=len(edges) + 1)
+        shares = [round(float(c) / rows, 6) for c in counts]
+        features.append(shell.model_copy(update={"edges": edges.tolist(), "fractions": shares}))
+    priors = None
+    if labels is not None and targets is not None:
+        counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(labels))
+        priors = {label: round(float(c) / len(targets), 6) for label, c in zip(labels, counts, strict=True)}
+    return TrainingSummary(rows=rows, features=features, class_priors=priors)
+
+
 class ModelCard(_Strict):
     """Everything needed to serve, audit and reproduce one model version."""
 
@@ -173,6 +310,9 @@ class ModelCard(_Strict):
     quantization: QuantizationInfo | None = Field(
         default=None, description="present on a quantized graph: how it was made and what it changed"
     )
+    training_summary: TrainingSummary | None = Field(
+        default=None, description="the training split's inputs binned, the reference of input drift"
+    )
     library_versions: dict[str, str] = Field(default_factory=dict)
     created_at: datetime
 
@@ -185,7 +325,33 @@ class ModelCard(_Strict):
                 raise ValueError("'labels' must not repeat a class name")
         elif self.labels:
             raise ValueError("a regression card must not carry 'labels'")
+        if self.training_summary is not None:
+            self._check_summary(self.training_summary)
         return self
+
+    def _check_summary(self, summary: TrainingSummary) -> None:
+        names = [feature.name for feature in summary.features]
+        if len(set(names)) != len(names):
+            raise ValueError("'training_summary' must not repeat a feature name")
+        missing = set(INPUT_NAMES[self.modality]) - {spec.name for spec in self.inputs}
+        if missing:
+            raise ValueError(
+                f"'training_summary' of a {self.modality} card needs the inputs {sorted(missing)}"
+            )
+        allowed = ("value",) if self.modality == "tabular" else ROW_STATISTICS[self.modality]
+        width = next((spec.shape[1] for spec in self.inputs if spec.name == FEATURES_INPUT), -1)
+        for feature in summary.features:
+            if feature.statistic not in allowed:
+                raise ValueError(
+                    f"'training_summary' of a {self.modality} card cannot track {feature.statistic!r}"
+                )
+            if feature.column is not None and width > 0 and feature.column >= width:
+                raise ValueError(f"'training_summary' tracks column {feature.column} of {width} features")
+        priors = summary.class_priors
+        if priors is not None and set(priors) != set(self.labels or ()):
+            raise ValueError(
+                "'training_summary.class_priors' needs one share per label (classification only)"
+            )
 
     @classmethod
     def read(cls, path: Path) -> ModelCard:

@@ -128,7 +128,8 @@ class PrometheusMetrics:
 
     Attributes are the prometheus_client metric objects: `request_duration`, `queue_duration`,
     `inference_duration`, `batch_rows`, `queue_rows`, `inflight_requests`, `request_failures`,
-    `model_load_seconds`, `evaluation_score`.
+    `model_load_seconds`, `evaluation_score`, and the drift gauges `drift_psi`, `drift_window_rows`,
+    `prediction_psi`, `prediction_class_share`.
     """
 
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
@@ -201,6 +202,35 @@ class PrometheusMetrics:
             ["model", "metric"],
             registry=registry,
             multiprocess_mode="mostrecent",
+        )
+        # Input drift (`app.quality.drift`): per served version, each worker's own window of served rows.
+        self.drift_psi = Gauge(
+            "modelserve_drift_psi",
+            "Population stability index of a tracked input quantity: served rows vs the training split.",
+            ["model", "version", "feature"],
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.drift_window_rows = Gauge(
+            "modelserve_drift_window_rows",
+            "Served rows in the input-drift window of a model version.",
+            ["model", "version"],
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.prediction_psi = Gauge(
+            "modelserve_prediction_psi",
+            "Population stability index of the predicted classes vs the training class priors.",
+            ["model", "version"],
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.prediction_class_share = Gauge(
+            "modelserve_prediction_class_share",
+            "Share of a predicted class among the served rows of the input-drift window.",
+            ["model", "version", "class"],
+            registry=registry,
+            multiprocess_mode="livemostrecent",
         )
         self._per_model: dict[str, ModelPrometheusMetrics] = {}
         self._statistics: dict[str, ModelStatistics] = {}

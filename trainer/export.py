@@ -42,6 +42,7 @@ from app.model_card import (
     SplitInfo,
     TensorSpec,
     sha256_of,
+    summarize_training_split,
 )
 from trainer.config import TrainConfig
 from trainer.data import Split, Splits
@@ -319,6 +320,14 @@ def build_card(
             size_bytes=onnx_path.stat().st_size,
             opset=_opset(proto),
             parity_max_abs_diff=parity,
+        ),
+        # The inputs as clients send them (the graph's feeds), the reference of the server's drift report.
+        training_summary=summarize_training_split(
+            dataset.modality,
+            splits.train.graph_feeds(np.arange(len(splits.train))),
+            feature_names=dataset.feature_names,
+            labels=dataset.labels if config.task == "classification" else None,
+            targets=splits.train.y if config.task == "classification" else None,
         ),
         library_versions=library_versions(),
         created_at=datetime.now(UTC),

@@ -429,6 +429,8 @@ def test_dashboard_covers_the_design_metrics() -> None:
         "modelserve_batch_rows_bucket",
         "modelserve_request_failures_total",
         "modelserve_evaluation_score",
+        "modelserve_drift_psi",
+        "modelserve_prediction_psi",
     ):
         assert metric in text, f"no panel shows {metric}"
 

@@ -3,6 +3,7 @@ the card is valid, and the repository is written atomically."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,42 @@ def test_card_is_valid_and_matches_the_graph(exported: Exported) -> None:
     assert metadata["name"] == card.name
     if card.labels:
         assert json.loads(metadata["labels"]) == card.labels
+
+
+def test_card_summarises_the_training_split_as_clients_send_it(exported: Exported) -> None:
+    """The training summary bins the raw training rows (the graph's inputs), one share per bin."""
+    card = ModelCard.read(exported.version_dir / CARD_FILENAME)
+    summary = card.training_summary
+    assert summary is not None
+    train, dataset = exported.result.splits.train, exported.result.dataset
+    assert summary.rows == len(train)
+    if card.modality == "tabular":
+        assert [f.name for f in summary.features] == dataset.feature_names
+        assert [f.column for f in summary.features] == list(range(train.x.shape[1]))
+        values = train.x.astype(np.float64)
+    elif card.modality == "image":
+        assert [f.name for f in summary.features] == ["mean", "std", "nonzero_fraction"]
+        pixels = train.x.reshape(len(train), -1).astype(np.float64)
+        values = np.stack([pixels.mean(axis=1), pixels.std(axis=1), (pixels != 0).mean(axis=1)], axis=1)
+    else:
+        assert [f.name for f in summary.features] == ["length", "mean", "std"]
+        assert train.lengths is not None
+        real = [train.x[i, :length].astype(np.float64) for i, length in enumerate(train.lengths)]
+        values = np.array([[len(r), r.mean(), r.std()] for r in real])
+    for j, feature in enumerate(summary.features):
+        # Raw units: every edge lies within the raw training values (a standardized copy would not).
+        assert values[:, j].min() <= feature.edges[0] <= feature.edges[-1] <= values[:, j].max()
+        bounds = [-np.inf, *feature.edges, np.inf]
+        by_hand = [
+            np.mean((values[:, j] >= lo) & (values[:, j] < hi)) for lo, hi in itertools.pairwise(bounds)
+        ]
+        np.testing.assert_allclose(feature.fractions, by_hand, atol=1e-6)
+    if card.task == "classification":
+        assert card.labels is not None
+        shares = np.bincount(train.y, minlength=len(card.labels)) / len(train)
+        assert summary.class_priors == pytest.approx(dict(zip(card.labels, shares, strict=True)), abs=1e-6)
+    else:
+        assert summary.class_priors is None
 
 
 @pytest.mark.parametrize("architecture", ["gru", "lstm", "transformer"])
