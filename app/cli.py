@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import tempfile
 import types
@@ -67,6 +68,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as err:
         print(f"modelserve: invalid settings:\n{err}")  # noqa: T201
         return 2
+    if settings.feedback_secret is None:
+        # One secret for every worker, so that each reads the prediction ids of the others.
+        os.environ["MODELSERVE_FEEDBACK_SECRET"] = secrets.token_urlsafe(32)
     own_multiproc_dir = None
     if settings.workers > 1 and not os.environ.get(MULTIPROC_ENV):
         # Each worker writes its metrics here and /metrics merges them; the folder must start empty.
