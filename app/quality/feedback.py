@@ -59,11 +59,11 @@ class _Refused(Exception):
 
 
 def parse_items(body: bytes, *, ndjson: bool) -> tuple[list[Any], list[ItemError]]:
-    """The items of a body (JSON `{"items": [...]}` or NDJSON, one item per line, blank lines skipped), and
-    the NDJSON lines that are not JSON (by item position).
+    """The items of a body (JSON `{"items": [...]}` or NDJSON, one item per line, blank lines skipped: an
+    empty NDJSON body has none), and the NDJSON lines that are not JSON (by item position).
 
     Raises:
-        InvalidInput: the body holds no items, or the JSON envelope is wrong.
+        InvalidInput: the JSON body is malformed or not `{"items": [...]}` with at least one item.
     """
     if ndjson:
         items: list[Any] = []
@@ -76,8 +76,6 @@ def parse_items(body: bytes, *, ndjson: bool) -> tuple[list[Any], list[ItemError
             except orjson.JSONDecodeError as err:
                 errors.append(ItemError(len(items), f"malformed JSON: {err}"))
                 items.append(None)
-        if not items:
-            raise InvalidInput('empty body; send one {"id": "...", "label": ...} per line')
         return items, errors
     if not body:
         raise InvalidInput('empty body; send {"items": [{"id": "...", "label": ...}, ...]}')
@@ -153,10 +151,14 @@ class Feedback:
                 checked.append((index, *self._check(item, now, models)))
             except _Refused as err:
                 refused[index] = str(err)
-        counted = await self.store.record(
-            [item for _, item, _ in checked],
-            forget_before=now - self.settings.feedback_max_age_seconds,
-            window=self.settings.feedback_window,
+        counted = (
+            await self.store.record(
+                [item for _, item, _ in checked],
+                forget_before=now - self.settings.feedback_max_age_seconds,
+                window=self.settings.feedback_window,
+            )
+            if checked
+            else []
         )
         for (index, _, _), is_new in zip(checked, counted, strict=True):
             if not is_new:

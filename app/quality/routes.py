@@ -44,7 +44,8 @@ FEEDBACK_OPERATION = Operation(
         413: "Body too large",
         415: "Content type is neither JSON nor NDJSON",
     },
-    body={JSON_TYPE: FeedbackRequest, "application/x-ndjson": {"type": "string"}},
+    # Any text is a body: each line is an item, and a line that is not one is reported in `errors`.
+    body={JSON_TYPE: FeedbackRequest, "application/x-ndjson": {"description": "one item per line"}},
 )
 
 
