@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.evaluate import cli as evaluate_cli
+from app.quality import cli as feedback_cli
 from app.settings import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -106,6 +107,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     _add_settings_flags(serve)
     handlers["serve"] = _serve
     handlers["evaluate"] = evaluate_cli.add_parser(commands)
+    handlers["feedback"] = feedback_cli.add_parser(commands)
     # Other subcommands register here, one line each: `handlers["x"] = module.add_parser(commands)`.
     return parser, handlers
 
