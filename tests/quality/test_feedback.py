@@ -124,7 +124,8 @@ def test_each_bad_item_is_refused_with_its_reason_and_the_good_ones_count(client
         if s.labels["model"] == "clf" and s.labels["version"] == "2"
     }
     assert counters == {
-        (CLASSIFIER_LABELS[t], CLASSIFIER_LABELS[p]): float(matrix[t, p]) for t, p in zip(*np.nonzero(matrix))
+        (CLASSIFIER_LABELS[t], CLASSIFIER_LABELS[p]): float(matrix[t, p])
+        for t, p in zip(*np.nonzero(matrix), strict=True)
     }
 
 
@@ -182,7 +183,8 @@ def test_regression_scores_equal_scikit_learn_and_the_sums_add_up(client: TestCl
         send(client, [{"id": i, "label": float(t)} for i, t in zip(ids, truth, strict=True)])["counted"] == 50
     )
     quality = client.get("/models/reg/quality").json()
-    assert quality["task"] == "regression" and quality["n"] == quality["count"] == 50
+    assert quality["task"] == "regression"
+    assert quality["n"] == quality["count"] == 50
     assert quality["mse"] == pytest.approx(mean_squared_error(truth, predicted), rel=1e-9)
     assert quality["rmse"] == pytest.approx(np.sqrt(mean_squared_error(truth, predicted)), rel=1e-9)
     assert quality["mae"] == pytest.approx(mean_absolute_error(truth, predicted), rel=1e-9)
@@ -223,7 +225,9 @@ def test_the_window_keeps_the_latest_items(feedback_settings: Settings) -> None:
 def test_quality_without_feedback_has_no_scores_and_unknown_models_404(client: TestClient) -> None:
     quality = client.get("/models/clf/quality").json()
     assert (quality["model"], quality["version"], quality["count"], quality["n"]) == ("clf", 2, 0, 0)
-    assert "accuracy" not in quality and quality["difference"] == {} and quality["drift"] is None
+    assert "accuracy" not in quality
+    assert quality["difference"] == {}
+    assert quality["drift"] is None
     assert client.get("/models/nope/quality").status_code == 404
     assert client.get("/models/clf/quality", params={"version": 7}).status_code == 404
     assert client.get("/models/clf/quality", params={"version": 0}).status_code == 400
