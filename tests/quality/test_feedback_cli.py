@@ -82,7 +82,13 @@ def test_serve_draws_one_secret_for_its_workers(
     import uvicorn
 
     seen: list[Settings] = []
-    for name in ("MODELSERVE_FEEDBACK_SECRET", "MODELSERVE_MODEL_REPOSITORY", "MODELSERVE_WORKERS"):
+    names = (
+        "MODELSERVE_FEEDBACK_SECRET",
+        "MODELSERVE_MODEL_REPOSITORY",
+        "MODELSERVE_WORKERS",
+        "PROMETHEUS_MULTIPROC_DIR",
+    )
+    for name in names:
         monkeypatch.setenv(name, "")  # `serve` sets these: restored after the test
         monkeypatch.delenv(name)
     # what a worker process builds from the environment it inherits
