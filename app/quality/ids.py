@@ -100,6 +100,8 @@ class PredictionIds:
         self._key = hashlib.blake2b(secret, digest_size=32, person=b"modelserve-ids").digest()
         self._clock = clock
         self._next_nonce = secrets.randbits(64)
+        self._signers: dict[tuple[bool, str, int], tuple[int, bytes, Any]] = {}
+        """(kind, model, version) → (second, batch prefix, MAC state after the prefix), kept for a second."""
 
     def issue(self, model: str, version: int, predictions: npt.NDArray[Any]) -> list[str]:
         """One id per row of `predictions` (int class indices or float values) of `model` `version`."""
@@ -107,10 +109,15 @@ class PredictionIds:
         if rows == 0:
             return []
         is_index = predictions.dtype.kind in "iu"
-        name = model.encode("ascii")
-        prefix = bytes((CLASS_INDEX if is_index else VALUE, len(name))) + name
-        prefix += _BATCH_FIELDS.pack(version, int(self._clock()))
-        signer = hashlib.blake2b(prefix, key=self._key, digest_size=_mac_bytes(len(prefix)))
+        second = int(self._clock())
+        cached = self._signers.get((is_index, model, version))
+        if cached is None or cached[0] != second:
+            name = model.encode("ascii")
+            prefix = bytes((CLASS_INDEX if is_index else VALUE, len(name))) + name
+            prefix += _BATCH_FIELDS.pack(version, second)
+            signer = hashlib.blake2b(prefix, key=self._key, digest_size=_mac_bytes(len(prefix)))
+            cached = self._signers[(is_index, model, version)] = (second, prefix, signer)
+        _, prefix, signer = cached
         pack = _INDEX_ROW.pack if is_index else _VALUE_ROW.pack
         nonce = self._next_nonce
         self._next_nonce = (nonce + rows) & _NONCE_MASK
