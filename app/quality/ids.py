@@ -40,7 +40,7 @@ VALUE: Final = 2
 MAC_BYTES: Final = 16
 """The shortest MAC (128 bits); one or two more bytes align the token to base64 groups."""
 MAX_ID_CHARS: Final = 200
-"""Longer text is not an id (the longest, for a 64-character model name, is 156 characters)."""
+"""Longer text is not an id (the longest, for a 64-character model name, is 148 characters)."""
 _BATCH_FIELDS: Final = struct.Struct("<QI")  # version, issued
 _INDEX_ROW: Final = struct.Struct("<Qq")  # nonce, class index
 _VALUE_ROW: Final = struct.Struct("<Qd")  # nonce, value
