@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import tempfile
 import types
@@ -18,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.evaluate import cli as evaluate_cli
+from app.quality import cli as feedback_cli
 from app.settings import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -67,6 +69,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as err:
         print(f"modelserve: invalid settings:\n{err}")  # noqa: T201
         return 2
+    if settings.feedback_secret is None:
+        # One secret for every worker, so that each reads the prediction ids of the others.
+        os.environ["MODELSERVE_FEEDBACK_SECRET"] = secrets.token_urlsafe(32)
     own_multiproc_dir = None
     if settings.workers > 1 and not os.environ.get(MULTIPROC_ENV):
         # Each worker writes its metrics here and /metrics merges them; the folder must start empty.
@@ -102,6 +107,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     _add_settings_flags(serve)
     handlers["serve"] = _serve
     handlers["evaluate"] = evaluate_cli.add_parser(commands)
+    handlers["feedback"] = feedback_cli.add_parser(commands)
     # Other subcommands register here, one line each: `handlers["x"] = module.add_parser(commands)`.
     return parser, handlers
 

@@ -5,6 +5,7 @@ Other routers are included at the marked place, one line each.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,6 +21,8 @@ from app.http.errors import install_exception_handlers
 from app.http.front import Front, HotRoute
 from app.http.openapi import install_openapi
 from app.observability import PrometheusMetrics
+from app.quality import routes as quality_routes
+from app.quality.feedback import Feedback
 from app.settings import Settings
 from app.v2 import routes as v2_routes
 
@@ -27,6 +30,8 @@ DESCRIPTION = """Serves the ONNX models of a model repository with onnxruntime.
 
 * `POST /predict`: simple JSON API, with dynamic batching of concurrent requests.
 * Open Inference Protocol (KServe V2) under `/v2`.
+* `POST /feedback`: the true labels of served predictions (by the ids their answers carry);
+  `GET /models/{name}/quality`: live scores from them.
 * `GET /metrics`: Prometheus.
 
 Errors are `{"error": "<message>"}` with the status that fits (400, 401, 404, 413, 415, 503, 504, 500).
@@ -42,12 +47,14 @@ def create_app(settings: Settings | None = None) -> Front:
 
     Returns:
         The ASGI app: the front (`app.http.front`) before the FastAPI app. `app.state` (the FastAPI app's)
-        holds `settings`, `metrics` (app-own Prometheus registry) and `dataplane` (the core every route
-        calls); the lifespan loads and warms up the models.
+        holds `settings`, `metrics` (app-own Prometheus registry), `dataplane` (the core every route
+        calls) and `feedback` (prediction ids, feedback and live scores); the lifespan loads and warms up
+        the models.
     """
     settings = settings or Settings()
     metrics = PrometheusMetrics(settings.prometheus_multiproc_dir)
     dataplane = DataPlane(settings, metrics)
+    feedback = Feedback(settings, dataplane, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Front:
             yield
         finally:
             await dataplane.stop()
+            await feedback.close()
             metrics.mark_process_dead()
 
     app = FastAPI(
@@ -70,15 +78,20 @@ def create_app(settings: Settings | None = None) -> Front:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.dataplane = dataplane
+    app.state.feedback = feedback
     install_exception_handlers(app)
     install_openapi(app)
     front = Front(app, settings, metrics, dataplane)
 
     front.add_route(
-        "/predict", HotRoute(predict, PREDICT_ENDPOINT), method="POST", operation=PREDICT_OPERATION
+        "/predict",
+        HotRoute(functools.partial(predict, ids=feedback.ids), PREDICT_ENDPOINT),
+        method="POST",
+        operation=PREDICT_OPERATION,
     )
     app.include_router(routes.router)
     # Routers of the other parts, one line each:
     v2_routes.install(front)
     evaluate_routes.install(front)
+    quality_routes.install(front)
     return front

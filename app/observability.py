@@ -128,8 +128,8 @@ class PrometheusMetrics:
 
     Attributes are the prometheus_client metric objects: `request_duration`, `queue_duration`,
     `inference_duration`, `batch_rows`, `queue_rows`, `inflight_requests`, `request_failures`,
-    `model_load_seconds`, `evaluation_score`, and the drift gauges `drift_psi`, `drift_window_rows`,
-    `prediction_psi`, `prediction_class_share`.
+    `model_load_seconds`, `evaluation_score`, `feedback`, `feedback_regression_sum`, and the drift gauges
+    `drift_psi`, `drift_window_rows`, `prediction_psi`, `prediction_class_share`.
     """
 
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
@@ -232,6 +232,21 @@ class PrometheusMetrics:
             registry=registry,
             multiprocess_mode="livemostrecent",
         )
+        self.feedback = Counter(
+            "modelserve_feedback",
+            "Feedback items counted for a classifier, by model version, true class and predicted class.",
+            ["model", "version", "true", "predicted"],
+            registry=registry,
+        )
+        self.feedback_regression_sum = Gauge(
+            "modelserve_feedback_regression_sum",
+            "Running sums over the feedback items counted for a regressor, by model version and quantity "
+            "(count, error_sum of prediction minus label, abs_error_sum, squared_error_sum, label_sum, "
+            "label_squared_sum).",
+            ["model", "version", "quantity"],
+            registry=registry,
+            multiprocess_mode="sum",
+        )
         self._per_model: dict[str, ModelPrometheusMetrics] = {}
         self._statistics: dict[str, ModelStatistics] = {}
 
@@ -262,6 +277,18 @@ class PrometheusMetrics:
         for metric, value in scores.items():
             if math.isfinite(value):
                 self.evaluation_score.labels(model=model, metric=metric).set(value)
+
+    def count_feedback(self, model: str, version: int, pairs: Mapping[tuple[str, str], int]) -> None:
+        """Add classifier feedback: `pairs` maps (true class, predicted class) names to item counts."""
+        for (true, predicted), count in pairs.items():
+            self.feedback.labels(model=model, version=str(version), true=true, predicted=predicted).inc(count)
+
+    def add_feedback_sums(self, model: str, version: int, sums: Mapping[str, float]) -> None:
+        """Add regressor feedback: `sums` maps each quantity to its sum over the new items."""
+        for quantity, value in sums.items():
+            self.feedback_regression_sum.labels(model=model, version=str(version), quantity=quantity).inc(
+                value
+            )
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric (merged across workers in multiprocess mode)."""

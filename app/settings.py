@@ -7,6 +7,7 @@ reads the environment.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -78,6 +79,16 @@ class Settings(BaseSettings):
     `Authorization: Bearer <admin key>`; the API key does not open them."""
     enable_repository_api: bool = False
     """Turn the admin routes on without an admin key: the API key (if any) guards them like other routes."""
+
+    feedback_secret: SecretStr | None = None
+    """Signs prediction ids (`POST /feedback` checks them). Unset: `modelserve serve` draws one at start for
+    its workers; ids then do not survive a restart or reach other replicas."""
+    feedback_max_age_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    """Feedback for a prediction older than this is refused (expired)."""
+    feedback_window: int = Field(default=10000, ge=1)
+    """`GET /models/{name}/quality` scores the last N feedback items of a model version."""
+    state_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "modelserve")
+    """Writable folder of the state the workers share (feedback counts in SQLite); created if missing."""
 
     prometheus_multiproc_dir: Path | None = Field(
         default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")

@@ -31,10 +31,11 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def settings(model_repository: Path) -> Settings:
+def settings(model_repository: Path, tmp_path: Path) -> Settings:
     """Settings for the fixture repository; tests may `settings.model_copy(update=...)`."""
     return Settings(
         model_repository=model_repository,
+        state_dir=tmp_path / "state",
         max_batch_delay_seconds=0.002,
         access_log=False,
         served_versions=0,

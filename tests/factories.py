@@ -409,3 +409,8 @@ def serve_in_thread(app: Any, timeout_seconds: float = 30.0) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout_seconds)
         sock.close()
+
+
+def without_ids(predictions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`/predict` predictions without their `id` (unique per row, so two answers never share one)."""
+    return [{key: value for key, value in prediction.items() if key != "id"} for prediction in predictions]

@@ -8,6 +8,7 @@ Generation is bounded and derandomized: the same cases on every run, in well und
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,13 @@ schemathesis.serializer.alias("application/x-ndjson", "text/plain")
 schemathesis.serializer.alias("application/x-npz", "application/octet-stream")
 
 
+STATE_DIR = tempfile.mkdtemp(prefix="modelserve-schemathesis-")
+
+
 def _settings(model_repository: Path | str) -> Settings:
-    return Settings(model_repository=model_repository, access_log=False, admin_api_key=ADMIN_KEY)
+    return Settings(
+        model_repository=model_repository, access_log=False, admin_api_key=ADMIN_KEY, state_dir=STATE_DIR
+    )
 
 
 # The document does not depend on the models, so it is read at import from an app whose lifespan never runs

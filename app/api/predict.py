@@ -24,6 +24,7 @@ from app.model_card import (
     REGRESSION_OUTPUT,
     SEQUENCE_INPUT,
 )
+from app.quality.ids import PredictionIds, predictions_of
 from app.repository import LoadedModel
 
 ENDPOINT = "/predict"
@@ -136,8 +137,8 @@ def encode_predictions(model: LoadedModel, outputs: dict[str, np.ndarray], top_k
 
 
 # -------------------------------------------------------------------------------------------- handler
-async def predict(request: HotRequest) -> Answer:
-    """Decode the body, run its rows through the core, encode the predictions."""
+async def predict(request: HotRequest, ids: PredictionIds) -> Answer:
+    """Decode the body, run its rows through the core, encode the predictions, each with its id."""
     require_json(request.scope)
     dataplane = request.dataplane
     body = await request.body.read(dataplane.settings.max_body_bytes)
@@ -149,9 +150,9 @@ async def predict(request: HotRequest) -> Answer:
     outputs = await dataplane.infer(
         model, decode_inputs(model, raw_inputs), deadline_seconds=request.deadline_seconds
     )
-    answer = {
-        "model": model.name,
-        "version": model.version,
-        "predictions": encode_predictions(model, outputs, top_k),
-    }
+    predictions = encode_predictions(model, outputs, top_k)
+    row_ids = ids.issue(model.name, model.version, predictions_of(model.task, outputs))
+    for prediction, row_id in zip(predictions, row_ids, strict=True):
+        prediction["id"] = row_id
+    answer = {"model": model.name, "version": model.version, "predictions": predictions}
     return Answer(orjson.dumps(answer))

@@ -39,6 +39,9 @@ class PredictRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=1, description="classifiers: also return the k best classes")
 
 
+PREDICTION_ID_DESCRIPTION = "the prediction's id: send it back with the true label to POST /feedback"
+
+
 class ClassScore(BaseModel):
     """One class and its probability."""
 
@@ -53,12 +56,14 @@ class ClassPrediction(ClassScore):
     top_k: list[ClassScore] | None = Field(
         default=None, description="present when the request asked for top_k"
     )
+    id: str = Field(description=PREDICTION_ID_DESCRIPTION)
 
 
 class RegressionPrediction(BaseModel):
     """A regressor's answer for one row."""
 
     value: float
+    id: str = Field(description=PREDICTION_ID_DESCRIPTION)
 
 
 class PredictResponse(BaseModel):
@@ -71,11 +76,11 @@ class PredictResponse(BaseModel):
                     "model": "iris",
                     "version": 1,
                     "predictions": [
-                        {"label": "setosa", "index": 0, "score": 0.98},
-                        {"label": "virginica", "index": 2, "score": 0.91},
+                        {"label": "setosa", "index": 0, "score": 0.98, "id": "AQRpcmlz..."},
+                        {"label": "virginica", "index": 2, "score": 0.91, "id": "AQRpcmlz..."},
                     ],
                 },
-                {"model": "diabetes", "version": 1, "predictions": [{"value": 151.2}]},
+                {"model": "diabetes", "version": 1, "predictions": [{"value": 151.2, "id": "AghkaWFi..."}]},
             ]
         }
     )

@@ -1,1 +1,2 @@
-"""Live model quality: input drift against the training split, and scores from ground-truth feedback."""
+"""Live model quality: prediction ids, ground-truth feedback and the scores computed from it, and input drift
+against the training split."""

@@ -19,6 +19,7 @@ from app.http.asgi import Headers, header
 from app.http.front import Answer, HotRequest
 from app.http.openapi import BINARY_SCHEMA, JSON_TYPE, REQUEST_TIMEOUT_HEADER, REQUEST_TIMEOUT_SCHEMA
 from app.model_card import PROBABILITIES_OUTPUT
+from app.quality.ids import PredictionIds, predictions_of
 from app.repository import LoadedModel
 from app.v2 import compression
 from app.v2.codec import (
@@ -56,8 +57,9 @@ BINARY_CONTENT: Final = BINARY_TYPE.encode()
     errors=(400, 404, 413, 415, 503, 504),
     headers={REQUEST_TIMEOUT_HEADER: REQUEST_TIMEOUT_SCHEMA},
 )
-async def infer(request: HotRequest) -> Answer:
-    """Decode (JSON or binary, maybe compressed), run through the shared core, encode as asked."""
+async def infer(request: HotRequest, ids: PredictionIds) -> Answer:
+    """Decode (JSON or binary, maybe compressed), run through the shared core, encode as asked; the
+    response parameter `prediction_ids` lists one id per row (for `POST /feedback`)."""
     dataplane = request.dataplane
     model = find_model(dataplane, request.path_params)
     request.model = model.name
@@ -68,12 +70,13 @@ async def infer(request: HotRequest) -> Answer:
     _check_datatypes(model, decoded)
     wanted = _requested_outputs(model, decoded)
     results = await dataplane.infer(model, decoded.inputs, deadline_seconds=_deadline(request, decoded))
+    row_ids = ids.issue(model.name, model.version, predictions_of(model.task, results))
     encoded = encode_response(
         model_name=model.name,
         model_version=str(model.version),
         outputs=[_output(model, results, output, decoded.binary_output) for output in wanted],
         request_id=decoded.id,
-        parameters=decoded.parameters,
+        parameters={**decoded.parameters, "prediction_ids": row_ids},
     )
     headers: Headers = []
     content = encoded.body

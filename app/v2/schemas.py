@@ -79,7 +79,10 @@ class V2InferResponse(BaseModel):
     model_name: str
     model_version: str
     id: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] = Field(
+        description="`prediction_ids`: one id per row (send it back with the true label to POST /feedback); "
+        "the request's own parameters echoed"
+    )
     outputs: list[V2Tensor]
 
 

@@ -76,7 +76,14 @@ def drift_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def drift_client(drift_repository: Path) -> Iterator[TestClient]:
-    app = create_app(Settings(model_repository=drift_repository, access_log=False, drift_window_rows=5000))
+    app = create_app(
+        Settings(
+            model_repository=drift_repository,
+            access_log=False,
+            drift_window_rows=5000,
+            state_dir=drift_repository.parent / "drift-state",
+        )
+    )
     with TestClient(app) as client:
         yield client
 
@@ -99,10 +106,12 @@ def predict_in_requests(client: TestClient, model: str, rows: np.ndarray, rng: n
 
 
 def drift_of(client: TestClient, model: str) -> dict[str, Any]:
-    dataplane = dataplane_of(client)
-    report = dataplane.drift_report(dataplane.get_model(model))
+    """The `drift` of the model's live quality report."""
+    response = client.get(f"/models/{model}/quality")
+    assert response.status_code == 200, response.text
+    report: dict[str, Any] = response.json()["drift"]
     assert report is not None
-    return report.model_dump()
+    return report
 
 
 # ------------------------------------------------------------------------------------------ the oracle
@@ -254,8 +263,7 @@ def test_gauges_show_each_tracked_feature_and_class(drift_client: TestClient) ->
 def test_a_card_without_a_summary_reports_no_drift(drift_client: TestClient) -> None:
     response = drift_client.post("/predict", json={"model": "plain", "inputs": [[0.0, 1.0, 2.0, 3.0]]})
     assert response.status_code == 200
-    dataplane = dataplane_of(drift_client)
-    assert dataplane.drift_report(dataplane.get_model("plain")) is None
+    assert drift_client.get("/models/plain/quality").json()["drift"] is None
 
 
 def test_a_window_of_zero_rows_turns_tracking_off(drift_repository: Path) -> None:
@@ -299,7 +307,7 @@ def test_images_and_sequences_are_tracked_through_the_server(tmp_path: Path) -> 
         write_model(tmp_path, "seq", 1, sequence_classifier()),
         summarize_training_split("sequence", {"sequence": sequences, "mask": mask}),
     )
-    app = create_app(Settings(model_repository=tmp_path, access_log=False))
+    app = create_app(Settings(model_repository=tmp_path, access_log=False, state_dir=tmp_path / "state"))
     with TestClient(app) as client:
         for start in range(0, 600, 20):
             assert client.post(
@@ -329,7 +337,11 @@ def test_the_shipped_wine_model_sees_its_own_data_as_steady_and_a_shift_as_drift
     wine = load_wine()
     rng = np.random.default_rng(8)
     rows = wine.data[rng.integers(0, len(wine.data), 2000)].astype(np.float32)
-    app = create_app(Settings(model_repository=root, access_log=False, drift_window_rows=2000))
+    app = create_app(
+        Settings(
+            model_repository=root, access_log=False, drift_window_rows=2000, state_dir=tmp_path / "state"
+        )
+    )
     with TestClient(app) as client:
         predict_in_requests(client, "wine", rows, rng)
         steady = {f["name"]: f["psi"] for f in drift_of(client, "wine")["features"]}

@@ -393,7 +393,9 @@ def test_raw_json_request_with_nested_data_and_parameters(server: str) -> None:
     assert response.headers["content-type"] == "application/json"
     answer = response.json()
     assert answer["id"] == "r1"
+    prediction_ids = answer["parameters"].pop("prediction_ids")
     assert answer["parameters"] == {"tenant": "blue"}
+    assert len(set(prediction_ids)) == 2  # one id per row
     assert answer["outputs"][0]["name"] == "value"
     assert answer["outputs"][0]["shape"] == [2]
     assert len(answer["outputs"][0]["data"]) == 2
