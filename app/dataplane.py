@@ -281,6 +281,7 @@ class DataPlane:
         self.metrics.model_load_seconds.labels(model=model.name, version=str(model.version)).set(
             model.load_seconds
         )
+        self.metrics.set_card_test_scores(model.name, model.version, model.card.metrics.test)
         logger.info(
             "model ready",
             extra={
@@ -360,6 +361,7 @@ class DataPlane:
         # prometheus_client cannot remove a label from the files that worker processes share.
         if (current is None or current.state != "ready") and self.settings.prometheus_multiproc_dir is None:
             self.metrics.model_load_seconds.remove(name, str(version))
+            self.metrics.remove_scores(name, version)
             if entry.drift is not None:
                 entry.drift.remove_gauges()
         logger.info("model version released", extra={"model": name, "version": version})

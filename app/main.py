@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None) -> Front:
 
     front.add_route(
         "/predict",
-        HotRoute(functools.partial(predict, ids=feedback.ids), PREDICT_ENDPOINT),
+        HotRoute(functools.partial(predict, ids=feedback.issuer), PREDICT_ENDPOINT),
         method="POST",
         operation=PREDICT_OPERATION,
     )

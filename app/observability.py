@@ -128,8 +128,9 @@ class PrometheusMetrics:
 
     Attributes are the prometheus_client metric objects: `request_duration`, `queue_duration`,
     `inference_duration`, `batch_rows`, `queue_rows`, `inflight_requests`, `request_failures`,
-    `model_load_seconds`, `evaluation_score`, `feedback`, `feedback_regression_sum`, and the drift gauges
-    `drift_psi`, `drift_window_rows`, `prediction_psi`, `prediction_class_share`.
+    `model_load_seconds`, `evaluation_score`, `feedback`, `feedback_regression_sum`, `live_score`,
+    `card_test_score`, and the drift gauges `drift_psi`, `drift_window_rows`, `prediction_psi`,
+    `prediction_class_share`.
     """
 
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
@@ -247,6 +248,23 @@ class PrometheusMetrics:
             registry=registry,
             multiprocess_mode="sum",
         )
+        # Quality against the card: set from the feedback state the workers share, so every worker agrees.
+        self.live_score = Gauge(
+            "modelserve_live_score",
+            "Score of a model version over its last feedback items (GET /models/{name}/quality), by metric.",
+            ["model", "version", "metric"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.card_test_score = Gauge(
+            "modelserve_card_test_score",
+            "Test score of a model version in its card, by metric (beside modelserve_live_score).",
+            ["model", "version", "metric"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self._scored: dict[tuple[str, str], set[tuple[Gauge, str]]] = {}
+        """(model, version) → the (gauge, metric) label sets of its score gauges set in this process."""
         self._per_model: dict[str, ModelPrometheusMetrics] = {}
         self._statistics: dict[str, ModelStatistics] = {}
 
@@ -277,6 +295,32 @@ class PrometheusMetrics:
         for metric, value in scores.items():
             if math.isfinite(value):
                 self.evaluation_score.labels(model=model, metric=metric).set(value)
+
+    def set_live_scores(self, model: str, version: int, scores: Mapping[str, float]) -> None:
+        """Set `modelserve_live_score{model,version,metric}` for every finite score."""
+        self._set_scores(self.live_score, model, version, scores)
+
+    def set_card_test_scores(self, model: str, version: int, test_metrics: Mapping[str, Any]) -> None:
+        """Set `modelserve_card_test_score{model,version,metric}` for every finite number of the card's test
+        metrics."""
+        numbers = {
+            metric: float(value)
+            for metric, value in test_metrics.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        self._set_scores(self.card_test_score, model, version, numbers)
+
+    def _set_scores(self, gauge: Gauge, model: str, version: int, scores: Mapping[str, float]) -> None:
+        scored = self._scored.setdefault((model, str(version)), set())
+        for metric, value in scores.items():
+            if math.isfinite(value):
+                gauge.labels(model=model, version=str(version), metric=metric).set(value)
+                scored.add((gauge, metric))
+
+    def remove_scores(self, model: str, version: int) -> None:
+        """Drop the live and card test score gauges of a model version (a released version)."""
+        for gauge, metric in self._scored.pop((model, str(version)), set()):
+            gauge.remove(model, str(version), metric)
 
     def count_feedback(self, model: str, version: int, pairs: Mapping[tuple[str, str], int]) -> None:
         """Add classifier feedback: `pairs` maps (true class, predicted class) names to item counts."""

@@ -351,17 +351,7 @@ def load_model(source: ModelSource, settings: Settings, providers: Sequence[str]
     onnx_path = _inside(root, directory / ONNX_FILENAME, ONNX_FILENAME)
     if not onnx_path.exists():
         raise ModelLoadError(f"no {ONNX_FILENAME} in {folder}")
-    card_path = _inside(root, directory / CARD_FILENAME, CARD_FILENAME)
-    card_bytes = _read_file(card_path, CARD_FILENAME, folder, MAX_CARD_BYTES, "a card takes a few KiB")
-    try:
-        card = ModelCard.model_validate_json(card_bytes)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in err.errors()[:5]
-        )
-        raise ModelLoadError(f"invalid model card: {problems}") from err
-    if card.name != source.name or card.version != source.version:
-        raise ModelLoadError(f"the card describes {card.name}/{card.version} but sits in {folder}")
+    card = read_card(source)
     model_bytes = _read_file(
         onnx_path, ONNX_FILENAME, folder, settings.max_model_bytes, "MODELSERVE_MAX_MODEL_BYTES"
     )
@@ -389,6 +379,30 @@ def load_model(source: ModelSource, settings: Settings, providers: Sequence[str]
         raise ModelLoadError(f"warm-up run failed: {_onnxruntime_message(err)}") from err
     model.load_seconds = time.perf_counter() - started
     return model
+
+
+def read_card(source: ModelSource) -> ModelCard:
+    """The validated card of a version folder (blocking).
+
+    Raises:
+        ModelLoadError: the folder or `model.json` resolves outside the repository, is missing, unreadable,
+            not a regular file or too large; an invalid card, or one that names another model or version.
+    """
+    root = source.repository.resolve()
+    folder = f"{source.name}/{source.version}"
+    directory = _inside(root, source.directory, f"the folder {folder}")
+    card_path = _inside(root, directory / CARD_FILENAME, CARD_FILENAME)
+    card_bytes = _read_file(card_path, CARD_FILENAME, folder, MAX_CARD_BYTES, "a card takes a few KiB")
+    try:
+        card = ModelCard.model_validate_json(card_bytes)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in err.errors()[:5]
+        )
+        raise ModelLoadError(f"invalid model card: {problems}") from err
+    if card.name != source.name or card.version != source.version:
+        raise ModelLoadError(f"the card describes {card.name}/{card.version} but sits in {folder}")
+    return card
 
 
 def _inside(root: Path, path: Path, shown: str) -> Path:

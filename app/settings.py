@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     enable_repository_api: bool = False
     """Turn the admin routes on without an admin key: the API key (if any) guards them like other routes."""
 
+    prediction_ids: bool = True
+    """Give each prediction an id (for `POST /feedback`); off: answers carry none."""
     feedback_secret: SecretStr | None = None
     """Signs prediction ids (`POST /feedback` checks them). Unset: `modelserve serve` draws one at start for
     its workers; ids then do not survive a restart or reach other replicas."""

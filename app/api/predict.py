@@ -137,8 +137,9 @@ def encode_predictions(model: LoadedModel, outputs: dict[str, np.ndarray], top_k
 
 
 # -------------------------------------------------------------------------------------------- handler
-async def predict(request: HotRequest, ids: PredictionIds) -> Answer:
-    """Decode the body, run its rows through the core, encode the predictions, each with its id."""
+async def predict(request: HotRequest, ids: PredictionIds | None) -> Answer:
+    """Decode the body, run its rows through the core, encode the predictions, each with its id (none when
+    `ids` is None: `prediction_ids` off)."""
     require_json(request.scope)
     dataplane = request.dataplane
     body = await request.body.read(dataplane.settings.max_body_bytes)
@@ -151,8 +152,9 @@ async def predict(request: HotRequest, ids: PredictionIds) -> Answer:
         model, decode_inputs(model, raw_inputs), deadline_seconds=request.deadline_seconds
     )
     predictions = encode_predictions(model, outputs, top_k)
-    row_ids = ids.issue(model.name, model.version, predictions_of(model.task, outputs))
-    for prediction, row_id in zip(predictions, row_ids, strict=True):
-        prediction["id"] = row_id
+    if ids is not None:
+        row_ids = ids.issue(model.name, model.version, predictions_of(model.task, outputs))
+        for prediction, row_id in zip(predictions, row_ids, strict=True):
+            prediction["id"] = row_id
     answer = {"model": model.name, "version": model.version, "predictions": predictions}
     return Answer(orjson.dumps(answer))

@@ -1,19 +1,26 @@
 """Ground-truth feedback for served predictions, and the live scores computed from it.
 
 `POST /feedback` takes items `{"id": "<prediction id>", "label": <true class name or index, or value>}`.
-Each item is checked on its own (the id is genuine and not expired, its model version is served, the label
-fits the model) and counted once, whichever worker or replica issued the id; a bad item is reported by its
-position and never stops the others. Counted items go to the state the workers share (`FeedbackStore`) and
-to the Prometheus counters, from which PromQL scores any time window across replicas.
+Each item is checked on its own (the id is genuine and not expired, its model version is served or its card
+is still in the repository, the label fits the model) and counted once, whichever worker or replica issued
+the id; a bad item is reported by its position and never stops the others. Counted items go to the state
+the workers share (`FeedbackStore`) and to the Prometheus counters, from which PromQL scores any time window
+across replicas.
 
 `GET /models/{name}/quality` scores the last `feedback_window` items of a model version with the counts of
-`app.scoring` (the report of `/evaluate`), beside the card's test metrics.
+`app.scoring` (the report of `/evaluate`), beside the card's test metrics. The same scores go to the gauge
+`modelserve_live_score`, refreshed at most once a second per version after feedback is counted.
+
+Labels arrive long after predictions, often after a hot swap retired the version that made them: a version
+that is no longer served is checked and scored with the card of its folder, read once from the repository.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -25,17 +32,22 @@ import orjson
 
 from app.dataplane import DataPlane
 from app.errors import InvalidInput, ModelServeError
-from app.evaluate.runner import compare_with_training
+from app.evaluate.runner import compare_with_training, flat_scores
+from app.model_card import MODEL_NAME_PATTERN, ModelCard
 from app.observability import PrometheusMetrics
 from app.quality.ids import InvalidId, PredictionId, PredictionIds
-from app.quality.store import CheckedItem, FeedbackStore
-from app.repository import LoadedModel
+from app.quality.store import CheckedItem, FeedbackStore, Window
+from app.repository import ModelLoadError, ModelSource, read_card
 from app.scoring import ClassificationAccumulator, RegressionAccumulator
 from app.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 ITEM_FIELDS: Final = frozenset({"id", "label"})
 CHECK_STEP_ITEMS: Final = 512
 """Items checked between two yields to the event loop (a large backfill never holds it for long)."""
+LIVE_SCORE_INTERVAL_SECONDS: Final = 1.0
+"""Shortest time between two refreshes of a model version's `modelserve_live_score` gauges."""
 REGRESSION_QUANTITIES: Final = (
     "count",
     "error_sum",
@@ -91,10 +103,10 @@ def parse_items(body: bytes, *, ndjson: bool) -> tuple[list[Any], list[ItemError
     return items, []
 
 
-def true_target(model: LoadedModel, label: Any) -> float:
+def true_target(card: ModelCard, label: Any) -> float:
     """The item's label as the model's target: a class index (from a class name or an index) or a value."""
-    if model.task == "classification":
-        labels = model.labels or []
+    if card.task == "classification":
+        labels = card.labels or []
         if isinstance(label, str):
             if label in labels:
                 return float(labels.index(label))
@@ -112,6 +124,31 @@ def true_target(model: LoadedModel, label: Any) -> float:
     raise _Refused("label: expected a finite number (the true value)")
 
 
+def live_report(card: ModelCard, window: Window, window_size: int) -> dict[str, Any]:
+    """The quality report of a model version's feedback window (without items: no scores), beside its card's
+    test metrics."""
+    report: dict[str, Any] = {
+        "model": card.name,
+        "version": card.version,
+        "task": card.task,
+        "count": window.count,
+        "window": window_size,
+    }
+    if window.truth.shape[0] == 0:
+        report["n"] = 0
+    elif card.task == "classification":
+        labels = card.labels or []
+        accumulator = ClassificationAccumulator(n_classes=len(labels))
+        accumulator.update(window.truth.astype(np.int64), window.prediction.astype(np.int64))
+        report.update(accumulator.compute(labels))
+    else:
+        regression = RegressionAccumulator()
+        regression.update(window.truth, window.prediction)
+        report.update(regression.compute())
+    compare_with_training(report, dict(card.metrics.test), card.task)
+    return report
+
+
 class Feedback:
     """Prediction ids, feedback and live scores of one app (built by `create_app`)."""
 
@@ -127,11 +164,19 @@ class Feedback:
         self.ids = PredictionIds(
             secret.get_secret_value().encode() if secret is not None else secrets.token_bytes(32), clock
         )
+        self.issuer = self.ids if settings.prediction_ids else None
+        """What `/predict` and V2 infer issue ids with (None: `prediction_ids` off, answers carry none)."""
         self.settings = settings
         self.dataplane = dataplane
         self.metrics = metrics
         self.store = FeedbackStore(settings.state_dir)
         self._clock = clock
+        self._cards_on_disk: dict[tuple[str, int], ModelCard] = {}
+        """Cards of versions not served, read from the repository (a version's card never changes)."""
+        self._refreshes: dict[tuple[str, int], asyncio.Task[None]] = {}
+        """The pending refresh of each version's live score gauges."""
+        self._refreshed: dict[tuple[str, int], float] = {}
+        """When each version's live score gauges were last refreshed (monotonic seconds)."""
 
     async def receive(self, items: Sequence[Any], errors: Sequence[ItemError] = ()) -> dict[str, Any]:
         """Check and count `items`; the answer `{"counted": N, "errors": [{"index", "error"}, ...]}`.
@@ -140,15 +185,15 @@ class Feedback:
         """
         refused = {error.index: error.error for error in errors}
         now = int(self._clock())
-        checked: list[tuple[int, CheckedItem, LoadedModel]] = []
-        models: dict[tuple[str, int], LoadedModel] = {}
+        checked: list[tuple[int, CheckedItem, ModelCard]] = []
+        cards: dict[tuple[str, int], ModelCard | _Refused] = {}
         for index, item in enumerate(items):
             if index and index % CHECK_STEP_ITEMS == 0:
                 await asyncio.sleep(0)
             if index in refused:
                 continue
             try:
-                checked.append((index, *self._check(item, now, models)))
+                checked.append((index, *await self._check(item, now, cards)))
             except _Refused as err:
                 refused[index] = str(err)
         counted = (
@@ -163,17 +208,18 @@ class Feedback:
         for (index, _, _), is_new in zip(checked, counted, strict=True):
             if not is_new:
                 refused[index] = "id: already counted (duplicate)"
-        self._count(
-            [(item, model) for (_, item, model), is_new in zip(checked, counted, strict=True) if is_new]
-        )
+        new = [(item, card) for (_, item, card), is_new in zip(checked, counted, strict=True) if is_new]
+        self._count(new)
+        for card in {(card.name, card.version): card for _, card in new}.values():
+            self._refresh_live_scores(card)
         return {
             "counted": sum(counted),
             "errors": [{"index": index, "error": refused[index]} for index in sorted(refused)],
         }
 
-    def _check(
-        self, item: Any, now: int, models: dict[tuple[str, int], LoadedModel]
-    ) -> tuple[CheckedItem, LoadedModel]:
+    async def _check(
+        self, item: Any, now: int, cards: dict[tuple[str, int], ModelCard | _Refused]
+    ) -> tuple[CheckedItem, ModelCard]:
         if not isinstance(item, dict) or set(item) != ITEM_FIELDS:
             raise _Refused(
                 'expected an object {"id": "<prediction id>", "label": <true label>} and no other field'
@@ -188,42 +234,64 @@ class Feedback:
                 f"id: expired (issued {age} s ago; feedback is taken for "
                 f"{self.settings.feedback_max_age_seconds} s)"
             )
-        model = self._model(prediction, models)
+        card = await self._card_of(prediction, cards)
         return (
             CheckedItem(
                 mac=prediction.mac,
                 issued=prediction.issued,
-                model=model.name,
-                version=model.version,
-                truth=true_target(model, item["label"]),
+                model=card.name,
+                version=card.version,
+                truth=true_target(card, item["label"]),
                 prediction=float(prediction.prediction),
             ),
-            model,
+            card,
         )
 
-    def _model(self, prediction: PredictionId, models: dict[tuple[str, int], LoadedModel]) -> LoadedModel:
+    async def _card_of(
+        self, prediction: PredictionId, cards: dict[tuple[str, int], ModelCard | _Refused]
+    ) -> ModelCard:
+        """The card of the id's model version: the served one's, else the one in its folder of the
+        repository (`cards`: those this request already looked up)."""
         key = (prediction.model, prediction.version)
-        model = models.get(key)
-        if model is None:
+        card = cards.get(key)
+        if card is None:
             try:
-                model = self.dataplane.get_model(*key)
+                card = self.dataplane.get_model(*key).card
             except ModelServeError as err:
-                raise _Refused(f"id: {err.message}") from None
-            models[key] = model
-        if prediction.is_class_index != (model.task == "classification"):
-            raise _Refused(
-                f"id: model {model.name!r} version {model.version} is no longer a {model.task} model"
-            )
-        return model
+                try:
+                    card = await self._card_on_disk(*key)
+                except ModelLoadError as disk:
+                    card = _Refused(f"id: {err.message}; nor can its card be read: {disk.reason}")
+            cards[key] = card
+        if isinstance(card, _Refused):
+            raise card
+        if prediction.is_class_index != (card.task == "classification"):
+            raise _Refused(f"id: model {card.name!r} version {card.version} is no longer a {card.task} model")
+        return card
 
-    def _count(self, items: Sequence[tuple[CheckedItem, LoadedModel]]) -> None:
+    async def _card_on_disk(self, name: str, version: int) -> ModelCard:
+        """The card in the version's folder of the repository, read once (off the event loop).
+
+        Raises:
+            ModelLoadError: see `read_card`; or `name` cannot be a model's.
+        """
+        card = self._cards_on_disk.get((name, version))
+        if card is None:
+            if re.fullmatch(MODEL_NAME_PATTERN, name) is None:
+                raise ModelLoadError(f"{name!r} is not a model name")
+            root = self.settings.model_repository
+            source = ModelSource(name, version, root / name / str(version), root)
+            card = self._cards_on_disk[(name, version)] = await asyncio.to_thread(read_card, source)
+        return card
+
+    def _count(self, items: Sequence[tuple[CheckedItem, ModelCard]]) -> None:
         """Add counted items to the Prometheus counters (one increment per label set)."""
         pairs: dict[tuple[str, int], dict[tuple[str, str], int]] = {}
         sums: dict[tuple[str, int], dict[str, float]] = {}
-        for item, model in items:
+        for item, card in items:
             key = (item.model, item.version)
-            if model.task == "classification":
-                labels = model.labels or []
+            if card.task == "classification":
+                labels = card.labels or []
                 pair = (labels[int(item.truth)], labels[int(item.prediction)])
                 counts = pairs.setdefault(key, {})
                 counts[pair] = counts.get(pair, 0) + 1
@@ -241,36 +309,56 @@ class Feedback:
         for (model_name, version), totals in sums.items():
             self.metrics.add_feedback_sums(model_name, version, totals)
 
+    def _refresh_live_scores(self, card: ModelCard) -> None:
+        """Set the version's live score gauges from the shared state soon: now, or a second after the last
+        refresh (a refresh already pending reads the items counted meanwhile)."""
+        key = (card.name, card.version)
+        if key not in self._refreshes:
+            self._refreshes[key] = asyncio.get_running_loop().create_task(
+                self._set_live_scores(card), name=f"live-scores:{card.name}/{card.version}"
+            )
+
+    async def _set_live_scores(self, card: ModelCard) -> None:
+        key = (card.name, card.version)
+        try:
+            wait = self._refreshed.get(key, -math.inf) + LIVE_SCORE_INTERVAL_SECONDS - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            del self._refreshes[key]  # items counted from here on ask for the next refresh
+            self._refreshed[key] = time.monotonic()
+            window = await self.store.window(card.name, card.version, self.settings.feedback_window)
+            report = await asyncio.to_thread(live_report, card, window, self.settings.feedback_window)
+            self.metrics.set_live_scores(card.name, card.version, flat_scores(report))
+            self.metrics.set_card_test_scores(card.name, card.version, card.metrics.test)
+        except Exception:
+            self._refreshes.pop(key, None)
+            logger.exception("live scores not refreshed", extra={"model": card.name, "version": card.version})
+
     async def quality(self, name: str, version: int | None) -> dict[str, Any]:
-        """The live scores of a served model version: the report of `/evaluate` over its last
-        `feedback_window` feedback items (without them: no scores), `count` (every item counted), `window`,
-        the card's test metrics and the difference, and `drift` (this worker's input drift, see
-        `app.quality.drift`)."""
-        model = self.dataplane.get_model(name, version)
-        window = await self.store.window(model.name, model.version, self.settings.feedback_window)
-        report: dict[str, Any] = {
-            "model": model.name,
-            "version": model.version,
-            "task": model.task,
-            "count": window.count,
-            "window": self.settings.feedback_window,
-        }
-        if window.truth.shape[0] == 0:
-            report["n"] = 0
-        elif model.task == "classification":
-            labels = model.labels or []
-            accumulator = ClassificationAccumulator(n_classes=len(labels))
-            accumulator.update(window.truth.astype(np.int64), window.prediction.astype(np.int64))
-            report.update(accumulator.compute(labels))
-        else:
-            regression = RegressionAccumulator()
-            regression.update(window.truth, window.prediction)
-            report.update(regression.compute())
-        compare_with_training(report, dict(model.card.metrics.test), model.task)
-        drift = self.dataplane.drift_report(model)
+        """The live scores of a model version (default: the highest ready one; a version no longer served
+        is scored with the card in its folder): the report of `/evaluate` over its last `feedback_window`
+        feedback items (without them: no scores), `count` (every item counted), `window`, the card's test
+        metrics and the difference, and `drift` (this worker's input drift of a served version, see
+        `app.quality.drift`; None for a version no longer served)."""
+        try:
+            model = self.dataplane.get_model(name, version)
+            card, drift = model.card, self.dataplane.drift_report(model)
+        except ModelServeError as not_served:
+            if version is None:
+                raise
+            try:
+                card, drift = await self._card_on_disk(name, version), None
+            except ModelLoadError:
+                raise not_served from None
+        window = await self.store.window(card.name, card.version, self.settings.feedback_window)
+        report = live_report(card, window, self.settings.feedback_window)
         report["drift"] = None if drift is None else drift.model_dump()
         return report
 
     async def close(self) -> None:
-        """Let go of the store."""
+        """Stop the pending live score refreshes and let go of the store."""
+        tasks = list(self._refreshes.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.store.close()

@@ -28,8 +28,9 @@ FEEDBACK_OPERATION = Operation(
         "The true labels of served predictions, named by the ids of their answers (`id` in each `/predict` "
         'prediction, `parameters.prediction_ids` in a V2 answer). Body: JSON `{"items": [...]}`, or NDJSON '
         "(`application/x-ndjson`, one item per line) for large backfills. Each item is checked on its own "
-        "(the id is genuine, not expired, of a served model version, and not counted before; the label is "
-        "one of the model's classes, or a number for a regressor) and counted once; a bad item is reported "
+        "(the id is genuine, not expired, of a model version served now or whose card is still in the "
+        "repository, and not counted before; the label is one of the model's classes, or a number for a "
+        "regressor) and counted once; a bad item is reported "
         "in `errors` by its position and never stops the others, so the answer is 200 even when none was "
         "counted. Counted items update `modelserve_feedback_total` (classifiers) or "
         "`modelserve_feedback_regression_sum` (regressors) and the live scores of "
@@ -79,7 +80,10 @@ router = APIRouter()
     responses={
         200: {"model": QualityResponse, "description": "The live scores beside the card's test metrics"},
         400: {"model": ErrorResponse, "description": "Invalid version"},
-        404: {"model": ErrorResponse, "description": "Unknown model, or a version it does not serve"},
+        404: {
+            "model": ErrorResponse,
+            "description": "Unknown model, or a version it neither serves nor has in the repository",
+        },
         503: {
             "model": ErrorResponse,
             "description": "Model not ready (see Retry-After)",
@@ -96,7 +100,9 @@ async def quality(
     """The scores of the model version's last `MODELSERVE_FEEDBACK_WINDOW` feedback items (`POST /feedback`),
     in the shape of an `/evaluate` report, computed the same way; `count` (every item counted for the
     version), the card's test metrics (`training`) and the live scores minus them (`difference`). Without
-    feedback yet: `n` is 0 and there are no scores. The same answer from every worker of the server."""
+    feedback yet: `n` is 0 and there are no scores. The same answer from every worker of the server. A
+    `version` no longer served (retired by a hot swap) is scored with the card of its folder in the
+    repository, `drift` null."""
     feedback: Feedback = request.app.state.feedback
     report = await feedback.quality(name, version)
     return Response(orjson.dumps(report), media_type=JSON_TYPE)

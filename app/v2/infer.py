@@ -57,9 +57,10 @@ BINARY_CONTENT: Final = BINARY_TYPE.encode()
     errors=(400, 404, 413, 415, 503, 504),
     headers={REQUEST_TIMEOUT_HEADER: REQUEST_TIMEOUT_SCHEMA},
 )
-async def infer(request: HotRequest, ids: PredictionIds) -> Answer:
+async def infer(request: HotRequest, ids: PredictionIds | None) -> Answer:
     """Decode (JSON or binary, maybe compressed), run through the shared core, encode as asked; the
-    response parameter `prediction_ids` lists one id per row (for `POST /feedback`)."""
+    response parameter `prediction_ids` lists one id per row (for `POST /feedback`; none when `ids` is
+    None: `prediction_ids` off)."""
     dataplane = request.dataplane
     model = find_model(dataplane, request.path_params)
     request.model = model.name
@@ -70,13 +71,17 @@ async def infer(request: HotRequest, ids: PredictionIds) -> Answer:
     _check_datatypes(model, decoded)
     wanted = _requested_outputs(model, decoded)
     results = await dataplane.infer(model, decoded.inputs, deadline_seconds=_deadline(request, decoded))
-    row_ids = ids.issue(model.name, model.version, predictions_of(model.task, results))
+    parameters = dict(decoded.parameters)
+    if ids is not None:
+        parameters["prediction_ids"] = ids.issue(
+            model.name, model.version, predictions_of(model.task, results)
+        )
     encoded = encode_response(
         model_name=model.name,
         model_version=str(model.version),
         outputs=[_output(model, results, output, decoded.binary_output) for output in wanted],
         request_id=decoded.id,
-        parameters={**decoded.parameters, "prediction_ids": row_ids},
+        parameters=parameters,
     )
     headers: Headers = []
     content = encoded.body

@@ -431,6 +431,10 @@ def test_dashboard_covers_the_design_metrics() -> None:
         "modelserve_evaluation_score",
         "modelserve_drift_psi",
         "modelserve_prediction_psi",
+        "modelserve_live_score",
+        "modelserve_card_test_score",
+        "modelserve_feedback_total",
+        "modelserve_feedback_regression_sum",
     ):
         assert metric in text, f"no panel shows {metric}"
 
