@@ -108,6 +108,24 @@ def feedback_counters(base: str) -> Counter[tuple[int, int]]:
 
 
 @pytest.mark.timeout(240)
+def score_gauges(base: str, name: str) -> dict[str, float]:
+    """The values of a score gauge of digits version 1 (merged across the workers), by metric."""
+    return {
+        sample.labels["metric"]: sample.value
+        for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+        for sample in family.samples
+        if sample.name == name and sample.labels["model"] == "digits" and sample.labels["version"] == "1"
+    }
+
+
+def wait_for_live_accuracy(base: str, expected: float) -> None:
+    """Wait until the live accuracy gauge shows `expected` (refreshed within a second of new feedback)."""
+    deadline = time.monotonic() + 10
+    while (live := score_gauges(base, "modelserve_live_score").get("accuracy")) != expected:
+        assert time.monotonic() < deadline, f"live accuracy {live}, expected {expected}"
+        time.sleep(0.1)
+
+
 def test_two_workers_and_a_restart_score_feedback_like_scikit_learn(tmp_path: Path) -> None:
     repository = tmp_path / "models"
     repository.mkdir()
@@ -152,6 +170,8 @@ def test_two_workers_and_a_restart_score_feedback_like_scikit_learn(tmp_path: Pa
             assert response.status_code == 200, response.text
             reports.append((response.json(), worker_of(response)))
         counters_after_restart = feedback_counters(base)
+        wait_for_live_accuracy(base, reports[0][0]["accuracy"])  # the gauge every worker agrees on
+        card_accuracy = score_gauges(base, "modelserve_card_test_score")["accuracy"]
 
     assert len({worker for _, worker in reports}) == 2
     for report, _ in reports:
@@ -173,6 +193,7 @@ def test_two_workers_and_a_restart_score_feedback_like_scikit_learn(tmp_path: Pa
     matrix = confusion_matrix(expected_truth, predicted, labels=labels)
     assert report["confusion_matrix"] == {"labels": LABELS, "matrix": matrix.tolist()}
     assert set(report["training"]) >= {"accuracy", "f1_macro"}
+    assert card_accuracy == report["training"]["accuracy"]
     assert report["difference"]["accuracy"] == pytest.approx(
         report["accuracy"] - report["training"]["accuracy"]
     )
