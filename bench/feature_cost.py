@@ -6,7 +6,8 @@ of `bench.compare` (`python -m bench.feature_cost --help`).
 Each round runs, for `digits`, single-row requests at 64 connections and 64-row requests at 8 connections
 against the four servers one after the other (in reverse order every other round); the cost of a setting is
 1 − its req/s ÷ the req/s with both off, within each round, and the median over the rounds is reported.
-Machine-dependent figures, not a test.
+Prints a Markdown table and writes the figures as JSON under `bench/results/`. Machine-dependent figures, not
+a test.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import sys
 import tempfile
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +33,14 @@ from bench.compare import (
     BATCH_ROWS,
     MODELS,
     MODELSERVE_ENV,
+    RESULTS,
     ROOT,
     BenchError,
     Body,
     Case,
     check_answer,
     check_tools,
+    git_commit,
     run_wrk,
     write_bodies,
     wrk_figures,
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cpu", type=int, default=0, help="CPU both servers run on (taskset)")
     parser.add_argument("--load-cpu", type=int, default=1, help="CPU wrk runs on (taskset)")
     args = parser.parse_args(argv)
+    started = datetime.now(UTC)
     try:
         check_tools(args.server_cpu, args.load_cpu)
         with tempfile.TemporaryDirectory(prefix="modelserve-bench-") as folder:
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\n| digits /predict | setting | req/s | cost vs {BASELINE} (median of rounds) | rounds | target |"
         "\n|---|---|---:|---:|---|---|"
     )
+    costs_found = []
     for (rows, connections), figures in samples.items():
         baseline = figures[BASELINE]
         for setting, per_second in figures.items():
@@ -149,10 +155,28 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             costs = [1 - mine / base for mine, base in zip(per_second, baseline, strict=True)]
             cost = statistics.median(costs)
+            costs_found.append(
+                {"rows": rows, "connections": connections, "setting": setting, "cost": cost, "rounds": costs}
+            )
             target = ""
             if setting == "ids+drift":
                 target = f"< {TARGET_COST:.0%}: {'met' if cost < TARGET_COST else '**missed**'}"
             print(f"{line} {cost:.1%} | {', '.join(f'{c:.1%}' for c in costs)} | {target} |")
+    results = {
+        "date": started.isoformat(timespec="seconds"),
+        **git_commit(),
+        "settings": {"seconds": args.seconds, "rounds": args.rounds, "modelserve_env": MODELSERVE_ENV},
+        "requests_per_second": [
+            {"rows": rows, "connections": connections, "setting": setting, "rounds": per_second}
+            for (rows, connections), figures in samples.items()
+            for setting, per_second in figures.items()
+        ],
+        "costs": costs_found,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    output = RESULTS / f"feature_cost-{started:%Y%m%d-%H%M%S}.json"
+    output.write_text(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode() + "\n")
+    print(f"\nwritten: {output.relative_to(ROOT)}")
     return 0
 
 

@@ -175,6 +175,8 @@ class Feedback:
         """Cards of versions not served, read from the repository (a version's card never changes)."""
         self._refreshes: dict[tuple[str, int], asyncio.Task[None]] = {}
         """The pending refresh of each version's live score gauges."""
+        self._refresh_tasks: set[asyncio.Task[None]] = set()
+        """Every refresh not finished yet (pending or reading the state), for `close`."""
         self._refreshed: dict[tuple[str, int], float] = {}
         """When each version's live score gauges were last refreshed (monotonic seconds)."""
 
@@ -186,7 +188,7 @@ class Feedback:
         refused = {error.index: error.error for error in errors}
         now = int(self._clock())
         checked: list[tuple[int, CheckedItem, ModelCard]] = []
-        cards: dict[tuple[str, int], ModelCard | _Refused] = {}
+        cards: dict[tuple[str, int], ModelCard | str] = {}
         for index, item in enumerate(items):
             if index and index % CHECK_STEP_ITEMS == 0:
                 await asyncio.sleep(0)
@@ -218,7 +220,7 @@ class Feedback:
         }
 
     async def _check(
-        self, item: Any, now: int, cards: dict[tuple[str, int], ModelCard | _Refused]
+        self, item: Any, now: int, cards: dict[tuple[str, int], ModelCard | str]
     ) -> tuple[CheckedItem, ModelCard]:
         if not isinstance(item, dict) or set(item) != ITEM_FIELDS:
             raise _Refused(
@@ -248,10 +250,10 @@ class Feedback:
         )
 
     async def _card_of(
-        self, prediction: PredictionId, cards: dict[tuple[str, int], ModelCard | _Refused]
+        self, prediction: PredictionId, cards: dict[tuple[str, int], ModelCard | str]
     ) -> ModelCard:
         """The card of the id's model version: the served one's, else the one in its folder of the
-        repository (`cards`: those this request already looked up)."""
+        repository (`cards`: those this request already looked up, or why they cannot be had)."""
         key = (prediction.model, prediction.version)
         card = cards.get(key)
         if card is None:
@@ -261,10 +263,10 @@ class Feedback:
                 try:
                     card = await self._card_on_disk(*key)
                 except ModelLoadError as disk:
-                    card = _Refused(f"id: {err.message}; nor can its card be read: {disk.reason}")
+                    card = f"id: {err.message}; nor can its card be read: {disk.reason}"
             cards[key] = card
-        if isinstance(card, _Refused):
-            raise card
+        if isinstance(card, str):
+            raise _Refused(card)
         if prediction.is_class_index != (card.task == "classification"):
             raise _Refused(f"id: model {card.name!r} version {card.version} is no longer a {card.task} model")
         return card
@@ -314,9 +316,12 @@ class Feedback:
         refresh (a refresh already pending reads the items counted meanwhile)."""
         key = (card.name, card.version)
         if key not in self._refreshes:
-            self._refreshes[key] = asyncio.get_running_loop().create_task(
+            task = asyncio.get_running_loop().create_task(
                 self._set_live_scores(card), name=f"live-scores:{card.name}/{card.version}"
             )
+            self._refreshes[key] = task
+            self._refresh_tasks.add(task)
+            task.add_done_callback(self._refresh_tasks.discard)
 
     async def _set_live_scores(self, card: ModelCard) -> None:
         key = (card.name, card.version)
@@ -357,7 +362,7 @@ class Feedback:
 
     async def close(self) -> None:
         """Stop the pending live score refreshes and let go of the store."""
-        tasks = list(self._refreshes.values())
+        tasks = list(self._refresh_tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
