@@ -244,8 +244,8 @@ class Feedback:
     async def quality(self, name: str, version: int | None) -> dict[str, Any]:
         """The live scores of a served model version: the report of `/evaluate` over its last
         `feedback_window` feedback items (without them: no scores), `count` (every item counted), `window`,
-        the card's test metrics and the difference, and `drift` (this worker's input drift, see
-        `app.quality.drift`)."""
+        the card's test metrics and the difference, and `drift` (the input drift over the window the
+        server's workers share, see `app.quality.drift`)."""
         model = self.dataplane.get_model(name, version)
         window = await self.store.window(model.name, model.version, self.settings.feedback_window)
         report: dict[str, Any] = {
@@ -267,7 +267,7 @@ class Feedback:
             regression.update(window.truth, window.prediction)
             report.update(regression.compute())
         compare_with_training(report, dict(model.card.metrics.test), model.task)
-        drift = self.dataplane.drift_report(model)
+        drift = await self.dataplane.drift_report(model)
         report["drift"] = None if drift is None else drift.model_dump()
         return report
 
