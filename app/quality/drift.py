@@ -91,7 +91,8 @@ class DriftReport(BaseModel):
     window_rows: int = Field(description="rows the window holds at most")
     rows: int = Field(description="served rows in the window now, from every worker of the server")
     sampled_share: float = Field(
-        description="share of the served requests binned now (1: all of them), the mean over the workers"
+        description="share of the served requests binned now (1: all of them), the mean over the workers "
+        "with rows in the window"
     )
     min_rows: int = Field(description="rows needed before a PSI is reported")
     psi_alarm: float = Field(description="the usual alarm level of a PSI")
@@ -100,7 +101,8 @@ class DriftReport(BaseModel):
 
 
 class DriftMonitor:
-    """Bin counts of the rows one model version served, in a window of recent rows, and their PSI."""
+    """One worker's counting of the rows a model version serves into the window the server's workers share
+    (`DriftStore`), and the PSI of that window."""
 
     @classmethod
     def for_card(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from app.main import create_app
 from app.model_card import CARD_FILENAME, ModelCard, TrainingSummary, row_statistics, summarize_training_split
 from app.quality import drift
 from app.quality.drift import MIN_ROWS, PSI_EPSILON, WINDOW_SEGMENTS, DriftMonitor
-from app.quality.store import DriftStore
+from app.quality.store import FILENAME, DriftStore
 from app.settings import Settings
 from tests.factories import (
     copy_repository,
@@ -308,6 +309,56 @@ def test_the_window_keeps_about_the_latest_window_rows(drift_repository: Path, t
     segment = 1000 // WINDOW_SEGMENTS
     assert 1000 - segment <= report.rows <= 1000
     assert all(feature.psi is not None and feature.psi > 1.0 for feature in report.features)
+
+
+def test_workers_share_one_window_that_outlives_a_restart(drift_repository: Path, tmp_path: Path) -> None:
+    """Two monitors with their own stores on one state directory, as two worker processes of a server."""
+    card = ModelCard.read(drift_repository / "steady" / "1" / CARD_FILENAME)
+    summary = card.training_summary
+    assert summary is not None
+    rng = np.random.default_rng(10)
+    steady = training_rows(rng, 500)
+    shifted = training_rows(rng, 1200) + np.float32(10.0)
+    outputs = {"label_index": np.zeros(500, dtype=np.int64)}
+
+    def observe(monitor: DriftMonitor, rows: np.ndarray) -> None:
+        for start in range(0, len(rows), 30):
+            piece = rows[start : start + 30]
+            monitor.observe({"features": piece}, {"label_index": outputs["label_index"][: len(piece)]})
+
+    def segments_stored() -> int:
+        with contextlib.closing(sqlite3.connect(tmp_path / FILENAME)) as connection:
+            count: int = connection.execute("SELECT count(*) FROM drift_segments").fetchone()[0]
+        return count
+
+    async def scenario() -> None:
+        async with drift_store(tmp_path) as first_store, drift_store(tmp_path) as second_store:
+            first = DriftMonitor(card, summary, window_rows=1000, metrics=None, store=first_store)
+            second = DriftMonitor(card, summary, window_rows=1000, metrics=None, store=second_store)
+            observe(first, steady[:300])
+            observe(second, steady[300:])
+            await second.report()  # its pending rows written
+            together = await first.report()
+            assert together == await second.report()
+            assert together.rows == 500
+            for j, feature in enumerate(summary.features):
+                want = reference_psi(feature.edges, feature.fractions, steady[:, j].astype(np.float64))
+                assert together.features[j].psi == pytest.approx(want, abs=1e-5)
+
+            observe(first, shifted[:600])  # the window now holds only shifted rows, from both workers
+            observe(second, shifted[600:])
+            await second.report()
+            report = await first.report()
+            assert report == await second.report()
+            assert 1000 - 1000 // WINDOW_SEGMENTS <= report.rows <= 1000
+            assert all(feature.psi is not None and feature.psi > 1.0 for feature in report.features), report
+            # Whole segments of a tenth of the window, and each worker's open one: older ones are deleted.
+            assert segments_stored() <= WINDOW_SEGMENTS + 2
+        async with drift_store(tmp_path) as restarted_store:
+            restarted = DriftMonitor(card, summary, window_rows=1000, metrics=None, store=restarted_store)
+            assert await restarted.report() == report
+
+    asyncio.run(scenario())
 
 
 def test_images_and_sequences_are_tracked_through_the_server(tmp_path: Path) -> None:
