@@ -31,6 +31,7 @@ from app.errors import ModelNotFound, NotReady
 from app.model_card import CARD_FILENAME, ONNX_FILENAME, TensorSpec
 from app.observability import PrometheusMetrics
 from app.quality.drift import DriftMonitor, DriftReport
+from app.quality.store import DriftStore
 from app.repository import LoadedModel, ModelLoadError, ModelSource, load_model, scan_repository
 from app.session import resolve_providers
 from app.settings import Settings
@@ -114,6 +115,8 @@ class DataPlane:
         self._unloaded: set[str] = set()  # models unloaded on request: the poll leaves them unloaded
         self._poll_task: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[None]] = set()
+        self._drift_store = DriftStore(settings.state_dir)
+        """The input-drift windows that the workers of the server share (opened on the first write)."""
         self.interactive_requests = 0
         """Requests of the interactive endpoints (`/predict`, V2 inference) being answered in this process:
         the front counts them, bulk work (`/evaluate`) yields to them."""
@@ -146,7 +149,8 @@ class DataPlane:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
 
     async def stop(self) -> None:
-        """Stop the poll and every batcher (waiting requests get 503), then the inference threads."""
+        """Stop the poll and every batcher (waiting requests get 503), then the inference threads; write
+        the drift counts still pending."""
         self._stopping = True
         tasks = [*self._drains, *([self._poll_task] if self._poll_task is not None else [])]
         for task in tasks:
@@ -156,6 +160,9 @@ class DataPlane:
             for entry in versions.values():
                 if entry.batcher is not None:
                     await entry.batcher.stop()
+                if entry.drift is not None:
+                    entry.drift.flush()
+        await self._drift_store.close()
         for executor in (self._executor, self._background_executor, self._loader):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
@@ -274,7 +281,9 @@ class DataPlane:
             return
         # The swap: from here on no await, so every request sees either the old versions or the new set.
         entry.model, entry.batcher = model, self._batcher_for(model)
-        entry.drift = DriftMonitor.for_card(model.card, self.settings.drift_window_rows, self.metrics)
+        entry.drift = DriftMonitor.for_card(
+            model.card, self.settings.drift_window_rows, self.metrics, self._drift_store
+        )
         entry.batcher.start()
         entry.state = "ready"
         self._apply_policy(name)
@@ -352,6 +361,8 @@ class DataPlane:
             await batcher.stop()  # shutting down: whatever still waits gets 503
             raise
         entry.model, entry.batcher = None, None
+        if entry.drift is not None:
+            entry.drift.flush()  # its last rows, now rather than on a timer that may outlive the server
         versions = self._entries.get(name, {})
         if entry.removed and versions.get(version) is entry:
             del versions[version]
@@ -494,13 +505,13 @@ class DataPlane:
             entry.drift.observe(arrays, outputs)
         return outputs
 
-    def drift_report(self, model: LoadedModel) -> DriftReport | None:
-        """The input drift of a version from `get_model`, as this process served it (None: its card carries
-        no training summary, or `drift_window_rows` is 0)."""
+    async def drift_report(self, model: LoadedModel) -> DriftReport | None:
+        """The input drift of a version from `get_model`, over the window the server's workers share (None:
+        its card carries no training summary, or `drift_window_rows` is 0)."""
         entry = self._entries.get(model.name, {}).get(model.version)
         if entry is None or entry.model is not model or entry.drift is None:
             return None
-        return entry.drift.report()
+        return await entry.drift.report()
 
     async def _run_alone(self, model: LoadedModel, arrays: Tensors, rows: int) -> Tensors:
         """The unbatched path (`batching` off): one onnxruntime call per request, still off the loop."""

@@ -11,25 +11,29 @@ of about `drift_window_rows` rows, and reports for each quantity the population 
 (shares floored at `PSI_EPSILON`), and the same for the predicted classes against the training priors. The
 usual reading: below 0.1 stable, 0.1 to 0.2 a moderate shift, above `PSI_ALARM` (0.2) a significant one.
 
-Cheap on the hot path: a request only appends references to its arrays; once `FLUSH_ROWS` rows are pending
-(or `FLUSH_SECONDS` after the first of them) they are binned together, vectorised, and the gauges are set
-(at most every `GAUGE_SECONDS`). Under heavy traffic only a random sample of the requests is binned, about
-`SAMPLED_ROWS_PER_SECOND` rows a second.
-The window is `WINDOW_SEGMENTS` segments of rows: the newest fills, then the oldest is emptied for the next
-rows, so a report covers between nine tenths of the window and all of it.
+The window is the server's: the worker processes of one server share it through the state directory
+(`app.quality.store.DriftStore`), so every worker reports the same drift and sets the same gauges. Each
+worker counts the rows it serves into segments of a tenth of the window; the window of a version is the
+newest segments of all its workers, as many as fit in `drift_window_rows` rows (so it holds between nine
+tenths of the window and all of it), and it outlives a restart with the same state directory.
 
-Each worker process counts the rows it serves: with several workers, a report and the gauges are that
-worker's share of the traffic (the gauges keep the most recent value of the live workers).
+Cheap on the hot path: a request only appends references to its arrays; once `FLUSH_ROWS` rows are pending
+(or `FLUSH_SECONDS` after the first of them) they are binned together, vectorised, on the event loop, and
+their counts go to the store, whose thread writes them (one short transaction), reads the window back and
+sets the gauges from it. Under heavy traffic only a random sample of the requests is binned, about
+`SAMPLED_ROWS_PER_SECOND` rows a second per worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -45,6 +49,7 @@ from app.model_card import (
     row_statistics,
 )
 from app.observability import PrometheusMetrics
+from app.quality.store import DriftSegment, DriftStore, DriftWindow
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +64,6 @@ SAMPLED_ROWS_PER_SECOND = 4096
 about this many (the PSI needs a sample, and binning then costs a bounded share of a core)."""
 FLUSH_ROWS = 1024
 FLUSH_SECONDS = 1.0
-GAUGE_SECONDS = 1.0
-"""Least time between two updates of the gauges (a report updates them too)."""
 WINDOW_SEGMENTS = 10
 
 Tensors = Mapping[str, np.ndarray]
@@ -83,11 +86,14 @@ class PredictionDrift(BaseModel):
 
 
 class DriftReport(BaseModel):
-    """The input drift of one served model version in this worker process."""
+    """The input drift of one served model version, over the window its server's workers share."""
 
     window_rows: int = Field(description="rows the window holds at most")
-    rows: int = Field(description="served rows in the window now")
-    sampled_share: float = Field(description="share of the served requests binned now (1: all of them)")
+    rows: int = Field(description="served rows in the window now, from every worker of the server")
+    sampled_share: float = Field(
+        description="share of the served requests binned now (1: all of them), the mean over the workers "
+        "with rows in the window"
+    )
     min_rows: int = Field(description="rows needed before a PSI is reported")
     psi_alarm: float = Field(description="the usual alarm level of a PSI")
     features: list[FeatureDrift]
@@ -95,22 +101,29 @@ class DriftReport(BaseModel):
 
 
 class DriftMonitor:
-    """Bin counts of the rows one model version served, in a window of recent rows, and their PSI."""
+    """One worker's counting of the rows a model version serves into the window the server's workers share
+    (`DriftStore`), and the PSI of that window."""
 
     @classmethod
     def for_card(
-        cls, card: ModelCard, window_rows: int, metrics: PrometheusMetrics | None
+        cls, card: ModelCard, window_rows: int, metrics: PrometheusMetrics | None, store: DriftStore
     ) -> DriftMonitor | None:
         """A monitor for a served version; None when its card carries no training summary or the window
         is 0 (drift monitoring off)."""
         if card.training_summary is None or window_rows <= 0:
             return None
-        return cls(card, card.training_summary, window_rows, metrics)
+        return cls(card, card.training_summary, window_rows, metrics, store)
 
     def __init__(
-        self, card: ModelCard, summary: TrainingSummary, window_rows: int, metrics: PrometheusMetrics | None
+        self,
+        card: ModelCard,
+        summary: TrainingSummary,
+        window_rows: int,
+        metrics: PrometheusMetrics | None,
+        store: DriftStore,
     ) -> None:
         self.name, self.version, self.modality = card.name, str(card.version), card.modality
+        self._version = card.version
         self.window_rows = window_rows
         self._features = summary.features
         self._edges = [np.asarray(feature.edges, dtype=np.float64) for feature in summary.features]
@@ -124,56 +137,75 @@ class DriftMonitor:
         self._starts = np.cumsum([0, *sizes[:-1]])
         self._sizes = np.array(sizes)
         self._expected = np.maximum(np.concatenate(expected), PSI_EPSILON)
+        self._bins = sum(sizes)
+        self._store = store
         self._segment_rows = max(1, math.ceil(window_rows / WINDOW_SEGMENTS))
-        self._counts = np.zeros((WINDOW_SEGMENTS, sum(sizes)), dtype=np.int64)
-        self._filled = np.zeros(WINDOW_SEGMENTS, dtype=np.int64)
-        self._segment = 0
+        # This worker's open segment: the counts of its rows binned since its last segment filled up.
+        self._open_counts = np.zeros(self._bins, dtype=np.int64)
+        self._open_rows = 0
         self._pending: list[tuple[Tensors, Tensors]] = []
         self._pending_rows = 0
-        self._pending_since = 0.0
-        self._lock = threading.Lock()  # observe runs on the event loop; a report may come from a thread
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._lock = threading.Lock()  # the gauges are set on the event loop and in the store's thread
         self._failed = False
         self._metrics = metrics
         self._gauges: dict[tuple[Any, tuple[str, ...]], Any] = {}
-        self._gauges_set_at = -math.inf
+        self._released = False
         self.sampled_share = 1.0
-        """Share of the served requests binned: 1 until the traffic exceeds `SAMPLED_ROWS_PER_SECOND`."""
+        """Share of this worker's served requests binned: 1 until its traffic exceeds
+        `SAMPLED_ROWS_PER_SECOND`."""
         self._seen_rows = 0
         self._rate_since = time.monotonic()
         self._random = random.Random()  # noqa: S311 - sampling, not security
+        self._worker = self._random.getrandbits(63)
+        """Names this worker's segments in the store."""
 
     # ---------------------------------------------------------------------------------------- counting
     def observe(self, inputs: Tensors, outputs: Tensors) -> None:
         """Count the rows of one answered request (its graph inputs and outputs), or skip them when the
-        traffic is sampled; never raises."""
+        traffic is sampled; never raises. On the event loop."""
         rows = len(next(iter(inputs.values())))
         now = time.monotonic()
-        with self._lock:
-            self._seen_rows += rows
-            if now - self._rate_since >= FLUSH_SECONDS:  # the sampling share for the next second
-                rate = self._seen_rows / (now - self._rate_since)
-                self.sampled_share = min(1.0, SAMPLED_ROWS_PER_SECOND / rate)
-                self._seen_rows, self._rate_since = 0, now
-            if self.sampled_share < 1.0 and self._random.random() >= self.sampled_share:
-                return
-            if not self._pending:
-                self._pending_since = now
-            self._pending.append((inputs, outputs))
-            self._pending_rows += rows
-            if self._pending_rows >= FLUSH_ROWS or now - self._pending_since >= FLUSH_SECONDS:
-                self._flush()
-                if now - self._gauges_set_at >= GAUGE_SECONDS:
-                    self._set_gauges(now)
+        self._seen_rows += rows
+        if now - self._rate_since >= FLUSH_SECONDS:  # the sampling share for the next second
+            rate = self._seen_rows / (now - self._rate_since)
+            self.sampled_share = min(1.0, SAMPLED_ROWS_PER_SECOND / rate)
+            self._seen_rows, self._rate_since = 0, now
+        if self.sampled_share < 1.0 and self._random.random() >= self.sampled_share:
+            return
+        if not self._pending:
+            self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+        self._pending.append((inputs, outputs))
+        self._pending_rows += rows
+        if self._pending_rows >= FLUSH_ROWS:
+            self.flush()
 
-    def _flush(self) -> None:
-        """Bin the pending rows into the window (under the lock; never raises: a failure is logged once)."""
+    def flush(self) -> None:
+        """Bin the pending rows into this worker's segments and hand them to the store (on the event loop;
+        never raises: a failure is logged once)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         pending, self._pending, self._pending_rows = self._pending, [], 0
         if not pending:
             return
         try:
-            self._add(self._bin(pending)[-self.window_rows :])
+            full, open_segment = self._add(self._bin(pending)[-self.window_rows :])
+            written = self._store.append(
+                self.name, self._version, self._worker, full, open_segment, window_rows=self.window_rows
+            )
+            written.add_done_callback(self._written)
         except Exception:
             self._log_failure_once()
+
+    def _written(self, written: Future[DriftWindow]) -> None:
+        """Set the gauges from the window the store read back after a write (in the store's thread)."""
+        try:
+            window = written.result()
+        except Exception:
+            self._log_failure_once()
+        else:
+            self._set_gauges(window)
 
     def _log_failure_once(self) -> None:
         """A failure of the monitor is a bug, not the client's: say it once (in the handler), keep serving."""
@@ -204,24 +236,25 @@ class DriftMonitor:
         flat: np.ndarray = np.where(stacked >= 0, stacked + self._starts, -1)
         return flat
 
-    def _add(self, codes: np.ndarray) -> None:
-        """Count binned rows into the newest segment, moving on to the next (emptied) one when it is full."""
+    def _add(self, codes: np.ndarray) -> tuple[list[DriftSegment], DriftSegment | None]:
+        """Count binned rows into the open segment, closing it each time it is full: the segments that
+        filled up, and the open one (None when it is empty)."""
+        full = []
         start = 0
         while start < len(codes):
-            segment = self._segment
-            rows = codes[start : start + self._segment_rows - int(self._filled[segment])]
-            self._counts[segment] += np.bincount(rows[rows >= 0], minlength=self._counts.shape[1])
-            self._filled[segment] += len(rows)
+            rows = codes[start : start + self._segment_rows - self._open_rows]
+            self._open_counts += np.bincount(rows[rows >= 0], minlength=self._bins)
+            self._open_rows += len(rows)
             start += len(rows)
-            if self._filled[segment] >= self._segment_rows:
-                self._segment = (segment + 1) % WINDOW_SEGMENTS
-                self._counts[self._segment] = 0
-                self._filled[self._segment] = 0
+            if self._open_rows >= self._segment_rows:
+                full.append(DriftSegment(self._open_rows, self._open_counts, self.sampled_share))
+                self._open_counts = np.zeros(self._bins, dtype=np.int64)
+                self._open_rows = 0
+        if not self._open_rows:
+            return full, None
+        return full, DriftSegment(self._open_rows, self._open_counts.copy(), self.sampled_share)
 
     # ---------------------------------------------------------------------------------------- reporting
-    def _window(self) -> tuple[np.ndarray, int]:
-        return self._counts.sum(axis=0), int(self._filled.sum())
-
     def _psi(self, counts: np.ndarray) -> np.ndarray:
         """The PSI of each block of bins (each quantity, then the classes) from the window's counts."""
         totals = np.add.reduceat(counts, self._starts)
@@ -231,12 +264,14 @@ class DriftMonitor:
         psi: np.ndarray = np.add.reduceat(terms, self._starts)
         return psi
 
-    def report(self) -> DriftReport:
-        """The drift over the window now (pending rows binned first)."""
-        with self._lock:
-            self._flush()
-            self._set_gauges(time.monotonic())
-            counts, rows = self._window()
+    async def report(self) -> DriftReport:
+        """The drift over the server's window now (this worker's pending rows binned first)."""
+        self.flush()
+        window = await self._store.window(
+            self.name, self._version, window_rows=self.window_rows, bins=self._bins
+        )
+        self._set_gauges(window)
+        counts, rows = window.counts, window.rows
         psi = [round(float(value), 6) for value in self._psi(counts)] if rows >= MIN_ROWS else None
         features = [
             FeatureDrift(name=feature.name, statistic=feature.statistic, psi=None if psi is None else psi[j])
@@ -252,7 +287,9 @@ class DriftMonitor:
         return DriftReport(
             window_rows=self.window_rows,
             rows=rows,
-            sampled_share=round(self.sampled_share, 6),
+            sampled_share=round(
+                self.sampled_share if window.sampled_share is None else window.sampled_share, 6
+            ),
             min_rows=MIN_ROWS,
             psi_alarm=PSI_ALARM,
             features=features,
@@ -275,19 +312,21 @@ class DriftMonitor:
             child = self._gauges[key] = metric.labels(self.name, self.version, *labels)
         return child
 
-    def _set_gauges(self, now: float) -> None:
-        """Set the gauges from the window (under the lock; never raises: a failure is logged once)."""
+    def _set_gauges(self, window: DriftWindow) -> None:
+        """Set the gauges from the window (never raises: a failure is logged once)."""
         metrics = self._metrics
         if metrics is None:
             return
-        self._gauges_set_at = now
-        try:
-            self._set_gauge_values(metrics)
-        except Exception:
-            self._log_failure_once()
+        with self._lock:
+            if self._released:
+                return
+            try:
+                self._set_gauge_values(metrics, window)
+            except Exception:
+                self._log_failure_once()
 
-    def _set_gauge_values(self, metrics: PrometheusMetrics) -> None:
-        counts, rows = self._window()
+    def _set_gauge_values(self, metrics: PrometheusMetrics, window: DriftWindow) -> None:
+        counts, rows = window.counts, window.rows
         self._gauge(metrics.drift_window_rows).set(rows)
         if rows < MIN_ROWS:
             return
@@ -303,6 +342,7 @@ class DriftMonitor:
     def remove_gauges(self) -> None:
         """Drop this version's drift series (the version was released)."""
         with self._lock:
+            self._released = True
             for metric, labels in self._gauges:
                 metric.remove(self.name, self.version, *labels)
             self._gauges.clear()

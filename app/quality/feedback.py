@@ -343,11 +343,11 @@ class Feedback:
         """The live scores of a model version (default: the highest ready one; a version no longer served
         is scored with the card in its folder): the report of `/evaluate` over its last `feedback_window`
         feedback items (without them: no scores), `count` (every item counted), `window`, the card's test
-        metrics and the difference, and `drift` (this worker's input drift of a served version, see
-        `app.quality.drift`; None for a version no longer served)."""
+        metrics and the difference, and `drift` (the input drift of a served version over the window that
+        the server's workers share, see `app.quality.drift`; None for a version no longer served)."""
         try:
             model = self.dataplane.get_model(name, version)
-            card, drift = model.card, self.dataplane.drift_report(model)
+            card, drift = model.card, await self.dataplane.drift_report(model)
         except ModelServeError as not_served:
             if version is None:
                 raise

@@ -73,6 +73,6 @@ class QualityResponse(BaseModel):
     training: dict[str, float] = Field(description="the card's test metrics")
     difference: dict[str, float] = Field(description="the live scores minus the card's, where both exist")
     drift: DriftReport | None = Field(
-        description="input drift of the rows this worker process served (null when the card carries no "
-        "training summary or drift tracking is off)"
+        description="input drift of the rows the server's worker processes served, over the window they "
+        "share (null when the card carries no training summary or drift tracking is off)"
     )

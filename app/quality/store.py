@@ -1,10 +1,14 @@
-"""The feedback state that the worker processes of one server share: an SQLite file in the state directory.
+"""The state that the worker processes of one server share: an SQLite file in the state directory.
 
-It remembers which prediction ids were counted (each is counted once; an id older than the feedback max age
-is forgotten, since it would be refused as expired anyway), the last `feedback_window` feedback items of each
-model version (the live scores come from them) and how many were counted in all. WAL mode lets readers go on
-while one process writes; each call is one short transaction, run in this store's own low-priority thread so
-that the event loop never waits on the disk or on another process's lock.
+Feedback (`FeedbackStore`): which prediction ids were counted (each is counted once; an id older than the
+feedback max age is forgotten, since it would be refused as expired anyway), the last `feedback_window`
+feedback items of each model version (the live scores come from them) and how many were counted in all.
+
+Input drift (`DriftStore`): the bin counts of the rows each worker served, in segments (see
+`app.quality.drift`); the window of a model version is its newest segments, whichever worker wrote them.
+
+WAL mode lets readers go on while one process writes; each call is one short transaction, run in the store's
+own low-priority thread so that the event loop never waits on the disk or on another process's lock.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
@@ -23,6 +27,8 @@ import numpy.typing as npt
 from app.threads import lower_thread_priority
 
 FILENAME: Final = "feedback.sqlite3"
+COUNTS_DTYPE: Final = np.dtype("<i4")
+"""A drift segment's bin counts as stored: little-endian int32 (a segment holds a tenth of the window)."""
 BUSY_TIMEOUT_MS: Final = 30_000
 """How long a transaction waits for another process's write lock before it fails."""
 _SCHEMA: Final = """
@@ -43,6 +49,16 @@ CREATE TABLE IF NOT EXISTS totals (
     count INTEGER NOT NULL,
     PRIMARY KEY (model, version)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS drift_segments (
+    seq INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    worker INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    sampled_share REAL NOT NULL,
+    counts BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS drift_segments_by_version ON drift_segments (model, version, seq);
 COMMIT;
 """
 _T = TypeVar("_T")
@@ -72,15 +88,35 @@ class Window:
     count: int
 
 
-class FeedbackStore:
-    """The SQLite file `state_dir/feedback.sqlite3`, opened on first use."""
+@dataclass(frozen=True, slots=True)
+class DriftSegment:
+    """Consecutive rows of one model version that one worker binned: their count and bin counts."""
 
-    def __init__(self, state_dir: Path) -> None:
+    rows: int
+    counts: npt.NDArray[np.int64]
+    sampled_share: float
+    """The worker's sampling share when it wrote the segment (see `DriftMonitor.sampled_share`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DriftWindow:
+    """The newest segments of a model version, whichever worker wrote them: their rows and bin counts
+    summed, and the mean of the workers' sampling shares (each worker's newest segment; None: no segment)."""
+
+    rows: int
+    counts: npt.NDArray[np.int64]
+    sampled_share: float | None
+
+
+class _SharedState:
+    """The SQLite file `state_dir/feedback.sqlite3`, opened on first use by this object's own thread."""
+
+    def __init__(self, state_dir: Path, thread_name: str) -> None:
         """Nothing is opened or created until the first call."""
         self.path = state_dir / FILENAME
         self._connection: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="modelserve-feedback", initializer=lower_thread_priority
+            max_workers=1, thread_name_prefix=thread_name, initializer=lower_thread_priority
         )
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -98,6 +134,26 @@ class FeedbackStore:
             connection.executescript(_SCHEMA)
             self._connection = connection
         return self._connection
+
+    async def close(self) -> None:
+        """Close the connection (after the work already queued) and stop the thread."""
+
+        def work() -> None:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, work)
+        self._executor.shutdown(wait=False)
+
+
+class FeedbackStore(_SharedState):
+    """Counted prediction ids and feedback items."""
+
+    def __init__(self, state_dir: Path) -> None:
+        """Nothing is opened or created until the first call."""
+        super().__init__(state_dir, "modelserve-feedback")
 
     async def record(self, items: Sequence[CheckedItem], *, forget_before: int, window: int) -> list[bool]:
         """Count each item whose id was not counted before: whether it was counted (False: a duplicate).
@@ -159,17 +215,109 @@ class FeedbackStore:
 
         return await self._run(work)
 
-    async def close(self) -> None:
-        """Close the connection and stop the thread."""
 
-        def work() -> None:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+class DriftStore(_SharedState):
+    """The drift segments of every model version, written by each worker as it bins served rows.
 
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, work)
-        self._executor.shutdown(wait=False)
+    Each worker has at most one open segment per version, which it rewrites (with the rows added) at each
+    flush until it is full; a rewritten segment is the newest. The window of a version is its newest
+    segments, as many as fit in `window_rows` rows; older ones are deleted at each write.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        """Nothing is opened or created until the first call."""
+        super().__init__(state_dir, "modelserve-drift")
+        self._open: dict[tuple[str, int, int], int] = {}
+        """The open segment of each (model, version, worker) as stored: its seq (only the thread uses it)."""
+
+    def append(
+        self,
+        model: str,
+        version: int,
+        worker: int,
+        full: Sequence[DriftSegment],
+        open_segment: DriftSegment | None,
+        *,
+        window_rows: int,
+    ) -> Future[DriftWindow]:
+        """Queue a worker's segments that filled up and its open one (the first of them continues the open
+        segment it wrote before); the future gives the window after the write. Returns at once: the write
+        runs in the store's thread."""
+        segments = [*full, *([open_segment] if open_segment is not None else [])]
+        bins = len(segments[0].counts)
+
+        def work() -> DriftWindow:
+            connection = self._connect()
+            key = (model, version, worker)
+            replaced, written = self._open.get(key), None
+            with _transaction(connection):
+                if replaced is not None:
+                    connection.execute(
+                        "DELETE FROM drift_segments "
+                        "WHERE seq = ? AND model = ? AND version = ? AND worker = ?",
+                        (replaced, model, version, worker),
+                    )
+                for segment in segments:
+                    written = connection.execute(
+                        "INSERT INTO drift_segments (model, version, worker, rows, sampled_share, counts) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            model,
+                            version,
+                            worker,
+                            segment.rows,
+                            segment.sampled_share,
+                            segment.counts.astype(COUNTS_DTYPE).tobytes(),
+                        ),
+                    ).lastrowid
+                window, outside = _drift_window(connection, model, version, window_rows, bins)
+                if outside is not None:
+                    connection.execute(
+                        "DELETE FROM drift_segments WHERE model = ? AND version = ? AND seq <= ?",
+                        (model, version, outside),
+                    )
+            if open_segment is not None and written is not None:
+                self._open[key] = written
+            else:
+                self._open.pop(key, None)
+            return window
+
+        return self._executor.submit(work)
+
+    async def window(self, model: str, version: int, *, window_rows: int, bins: int) -> DriftWindow:
+        """The window of `model` `version` now (after the writes already queued here)."""
+
+        def work(connection: sqlite3.Connection) -> DriftWindow:
+            with _transaction(connection, "BEGIN"):
+                return _drift_window(connection, model, version, window_rows, bins)[0]
+
+        return await self._run(work)
+
+
+def _drift_window(
+    connection: sqlite3.Connection, model: str, version: int, window_rows: int, bins: int
+) -> tuple[DriftWindow, int | None]:
+    """The window (newest segments first, until one does not fit: the window is full, or the segment counts
+    other bins, from an earlier card of the version) and the seq of the newest segment left out, if any."""
+    counts = np.zeros(bins, dtype=np.int64)
+    rows = 0
+    shares: dict[int, float] = {}
+    cursor = connection.execute(
+        "SELECT seq, worker, rows, sampled_share, counts FROM drift_segments "
+        "WHERE model = ? AND version = ? ORDER BY seq DESC",
+        (model, version),
+    )
+    for seq, worker, segment_rows, share, blob in cursor.fetchall():
+        if rows + segment_rows > window_rows or len(blob) != bins * COUNTS_DTYPE.itemsize:
+            return _window_of(rows, counts, shares), seq
+        counts += np.frombuffer(blob, dtype=COUNTS_DTYPE)
+        rows += segment_rows
+        shares.setdefault(worker, share)
+    return _window_of(rows, counts, shares), None
+
+
+def _window_of(rows: int, counts: npt.NDArray[np.int64], shares: dict[int, float]) -> DriftWindow:
+    return DriftWindow(rows, counts, sum(shares.values()) / len(shares) if shares else None)
 
 
 class _transaction:

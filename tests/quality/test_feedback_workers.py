@@ -1,8 +1,9 @@
 """End to end on real `modelserve serve --workers 2` processes: predictions of the shipped `digits` model,
 feedback for some of them (ids issued by the other worker, and by the server before a restart with the same
-secret), then `/models/digits/quality` from any worker equals scikit-learn on those rows, and the feedback
-counters scraped from `/metrics` (summed over label sets and over the two server lives, as PromQL sums
-over replicas) hold the same confusion matrix."""
+secret), then `/models/digits/quality` from any worker is the same answer, equals scikit-learn on those rows
+and counts in its input drift every row both workers served (in both server lives: the window is kept in the
+state directory), and the feedback counters scraped from `/metrics` (summed over label sets and over the two
+server lives, as PromQL sums over replicas) hold the same confusion matrix."""
 
 from __future__ import annotations
 
@@ -97,6 +98,37 @@ def feedback_each(base: str, items: list[dict[str, Any]]) -> list[tuple[dict[str
     return answers
 
 
+def quality_from_each_worker(base: str, drift_rows: int) -> list[tuple[dict[str, Any], str]]:
+    """`/models/digits/quality` from fresh connections until both workers answered, once each worker's
+    pending drift rows are written (a second at most after its last prediction): (report, worker)."""
+    deadline = time.monotonic() + 30
+    reports: dict[str, dict[str, Any]] = {}
+    while len(reports) < 2 or any(r["drift"]["rows"] != drift_rows for r in reports.values()):
+        assert time.monotonic() < deadline, reports
+        response = httpx.get(f"{base}/models/digits/quality")
+        assert response.status_code == 200, response.text
+        reports[worker_of(response)] = response.json()
+        time.sleep(0.05)
+    answers = []
+    for _ in range(6):  # fresh connections: both workers answer, from the same shared state
+        response = httpx.get(f"{base}/models/digits/quality")
+        assert response.status_code == 200, response.text
+        answers.append((response.json(), worker_of(response)))
+    return answers
+
+
+def drift_window_rows_gauge(base: str) -> float:
+    """`modelserve_drift_window_rows{model="digits"}` as the server exports it (one merged series)."""
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+        for sample in family.samples
+        if sample.name == "modelserve_drift_window_rows" and sample.labels["model"] == "digits"
+    ]
+    assert len(values) == 1, values
+    return values[0]
+
+
 def feedback_counters(base: str) -> Counter[tuple[int, int]]:
     """`sum by (true, predicted) (modelserve_feedback_total{model="digits"})` of one server."""
     counts: Counter[tuple[int, int]] = Counter()
@@ -164,18 +196,13 @@ def test_two_workers_and_a_restart_score_feedback_like_scikit_learn(tmp_path: Pa
         )
         assert duplicates.json()["counted"] == 0
         assert all("already counted" in error["error"] for error in duplicates.json()["errors"])
-        reports = []
-        for _ in range(6):  # fresh connections: both workers answer, from the same shared state
-            response = httpx.get(f"{base}/models/digits/quality")
-            assert response.status_code == 200, response.text
-            reports.append((response.json(), worker_of(response)))
+        reports = quality_from_each_worker(base, drift_rows=60)
+        assert drift_window_rows_gauge(base) == 60
         counters_after_restart = feedback_counters(base)
         wait_for_live_accuracy(base, reports[0][0]["accuracy"])  # the gauge every worker agrees on
         card_accuracy = score_gauges(base, "modelserve_card_test_score")["accuracy"]
 
     assert len({worker for _, worker in reports}) == 2
-    for report, _ in reports:
-        report.pop("drift")  # each worker's own served rows (the feedback scores are shared)
     assert all(report == reports[0][0] for report, _ in reports)
     report = reports[0][0]
     predicted = np.array([p["index"] for p, _ in first + second])
@@ -196,6 +223,11 @@ def test_two_workers_and_a_restart_score_feedback_like_scikit_learn(tmp_path: Pa
     assert card_accuracy == report["training"]["accuracy"]
     assert report["difference"]["accuracy"] == pytest.approx(
         report["accuracy"] - report["training"]["accuracy"]
+    )
+    drift = report["drift"]
+    assert (drift["rows"], drift["sampled_share"]) == (60, 1.0)  # every row served, by both workers
+    assert drift["predictions"]["shares"] == pytest.approx(
+        {label: float(np.mean(predicted == int(label))) for label in LABELS}, abs=1e-6
     )
 
     # The counters of both server lives, summed as Prometheus sums the series of replicas.

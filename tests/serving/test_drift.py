@@ -6,7 +6,10 @@ model whose card summarises a known training distribution, then shift some featu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sklearn.datasets import load_wine
 
-from app.dataplane import DataPlane
 from app.main import create_app
 from app.model_card import CARD_FILENAME, ModelCard, TrainingSummary, row_statistics, summarize_training_split
 from app.quality import drift
 from app.quality.drift import MIN_ROWS, PSI_EPSILON, WINDOW_SEGMENTS, DriftMonitor
+from app.quality.store import FILENAME, DriftStore
 from app.settings import Settings
 from tests.factories import (
     copy_repository,
@@ -88,11 +91,6 @@ def drift_client(drift_repository: Path) -> Iterator[TestClient]:
         yield client
 
 
-def dataplane_of(client: TestClient) -> DataPlane:
-    dataplane: DataPlane = client.app.state.dataplane  # type: ignore[attr-defined]
-    return dataplane
-
-
 def predict_in_requests(client: TestClient, model: str, rows: np.ndarray, rng: np.random.Generator) -> None:
     """Send `rows` to /predict in requests of 1 to 64 rows."""
     start = 0
@@ -103,6 +101,16 @@ def predict_in_requests(client: TestClient, model: str, rows: np.ndarray, rng: n
         )
         assert response.status_code == 200, response.text
         start += size
+
+
+@contextlib.asynccontextmanager
+async def drift_store(state_dir: Path) -> AsyncIterator[DriftStore]:
+    """The drift store of one worker process, closed at the end."""
+    store = DriftStore(state_dir)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def drift_of(client: TestClient, model: str) -> dict[str, Any]:
@@ -126,19 +134,24 @@ def reference_psi(edges: list[float], expected: list[float], values: np.ndarray)
     return total
 
 
-def test_psi_matches_a_loop_over_bins(drift_repository: Path) -> None:
+def test_psi_matches_a_loop_over_bins(drift_repository: Path, tmp_path: Path) -> None:
     card = ModelCard.read(drift_repository / "steady" / "1" / CARD_FILENAME)
     summary = card.training_summary
     assert summary is not None
     assert summary.class_priors is not None
-    monitor = DriftMonitor(card, summary, window_rows=100_000, metrics=None)
     rng = np.random.default_rng(1)
     served = training_rows(rng, 3000) * np.array([1.0, 1.5, 1.0, 1.0], dtype=np.float32) + np.float32(0.3)
     predicted = reference_outputs(drift_repository, "steady", 1, {"features": served})
-    for start in range(0, len(served), 37):  # requests of 37 rows, in several flushes
-        piece = slice(start, start + 37)
-        monitor.observe({"features": served[piece]}, {k: v[piece] for k, v in predicted.items()})
-    report = monitor.report()
+
+    async def observe_and_report() -> drift.DriftReport:
+        async with drift_store(tmp_path) as store:
+            monitor = DriftMonitor(card, summary, window_rows=100_000, metrics=None, store=store)
+            for start in range(0, len(served), 37):  # requests of 37 rows, in several flushes
+                piece = slice(start, start + 37)
+                monitor.observe({"features": served[piece]}, {k: v[piece] for k, v in predicted.items()})
+            return await monitor.report()
+
+    report = asyncio.run(observe_and_report())
     assert report.rows == len(served)
     for j, feature in enumerate(summary.features):
         want = reference_psi(feature.edges, feature.fractions, served[:, j].astype(np.float64))
@@ -272,25 +285,80 @@ def test_a_window_of_zero_rows_turns_tracking_off(drift_repository: Path) -> Non
         assert client.post(
             "/predict", json={"model": "steady", "inputs": [[0.0, 5.0, -2.0, 10.0]]}
         ).is_success
-        dataplane = dataplane_of(client)
-        assert dataplane.drift_report(dataplane.get_model("steady")) is None
+        assert client.get("/models/steady/quality").json()["drift"] is None
         assert "modelserve_drift_psi{" not in client.get("/metrics").text
 
 
-def test_the_window_keeps_about_the_latest_window_rows(drift_repository: Path) -> None:
+def test_the_window_keeps_about_the_latest_window_rows(drift_repository: Path, tmp_path: Path) -> None:
     card = ModelCard.read(drift_repository / "steady" / "1" / CARD_FILENAME)
-    assert card.training_summary is not None
-    monitor = DriftMonitor(card, card.training_summary, window_rows=1000, metrics=None)
+    summary = card.training_summary
+    assert summary is not None
     rng = np.random.default_rng(6)
     outputs = {"label_index": np.zeros(50, dtype=np.int64)}
-    for _ in range(40):  # 2000 in-distribution rows...
-        monitor.observe({"features": training_rows(rng, 50)}, outputs)
-    for _ in range(40):  # ...then 2000 shifted ones: the window forgets the first
-        monitor.observe({"features": training_rows(rng, 50) + np.float32(3.0)}, outputs)
-    report = monitor.report()
+
+    async def observe_and_report() -> drift.DriftReport:
+        async with drift_store(tmp_path) as store:
+            monitor = DriftMonitor(card, summary, window_rows=1000, metrics=None, store=store)
+            for _ in range(40):  # 2000 in-distribution rows...
+                monitor.observe({"features": training_rows(rng, 50)}, outputs)
+            for _ in range(40):  # ...then 2000 shifted ones: the window forgets the first
+                monitor.observe({"features": training_rows(rng, 50) + np.float32(3.0)}, outputs)
+            return await monitor.report()
+
+    report = asyncio.run(observe_and_report())
     segment = 1000 // WINDOW_SEGMENTS
     assert 1000 - segment <= report.rows <= 1000
     assert all(feature.psi is not None and feature.psi > 1.0 for feature in report.features)
+
+
+def test_workers_share_one_window_that_outlives_a_restart(drift_repository: Path, tmp_path: Path) -> None:
+    """Two monitors with their own stores on one state directory, as two worker processes of a server."""
+    card = ModelCard.read(drift_repository / "steady" / "1" / CARD_FILENAME)
+    summary = card.training_summary
+    assert summary is not None
+    rng = np.random.default_rng(10)
+    steady = training_rows(rng, 500)
+    shifted = training_rows(rng, 1200) + np.float32(10.0)
+    outputs = {"label_index": np.zeros(500, dtype=np.int64)}
+
+    def observe(monitor: DriftMonitor, rows: np.ndarray) -> None:
+        for start in range(0, len(rows), 30):
+            piece = rows[start : start + 30]
+            monitor.observe({"features": piece}, {"label_index": outputs["label_index"][: len(piece)]})
+
+    def segments_stored() -> int:
+        with contextlib.closing(sqlite3.connect(tmp_path / FILENAME)) as connection:
+            count: int = connection.execute("SELECT count(*) FROM drift_segments").fetchone()[0]
+        return count
+
+    async def scenario() -> None:
+        async with drift_store(tmp_path) as first_store, drift_store(tmp_path) as second_store:
+            first = DriftMonitor(card, summary, window_rows=1000, metrics=None, store=first_store)
+            second = DriftMonitor(card, summary, window_rows=1000, metrics=None, store=second_store)
+            observe(first, steady[:300])
+            observe(second, steady[300:])
+            await second.report()  # its pending rows written
+            together = await first.report()
+            assert together == await second.report()
+            assert together.rows == 500
+            for j, feature in enumerate(summary.features):
+                want = reference_psi(feature.edges, feature.fractions, steady[:, j].astype(np.float64))
+                assert together.features[j].psi == pytest.approx(want, abs=1e-5)
+
+            observe(first, shifted[:600])  # the window now holds only shifted rows, from both workers
+            observe(second, shifted[600:])
+            await second.report()
+            report = await first.report()
+            assert report == await second.report()
+            assert 1000 - 1000 // WINDOW_SEGMENTS <= report.rows <= 1000
+            assert all(feature.psi is not None and feature.psi > 1.0 for feature in report.features), report
+            # Whole segments of a tenth of the window, and each worker's open one: older ones are deleted.
+            assert segments_stored() <= WINDOW_SEGMENTS + 2
+        async with drift_store(tmp_path) as restarted_store:
+            restarted = DriftMonitor(card, summary, window_rows=1000, metrics=None, store=restarted_store)
+            assert await restarted.report() == report
+
+    asyncio.run(scenario())
 
 
 def test_images_and_sequences_are_tracked_through_the_server(tmp_path: Path) -> None:
@@ -355,20 +423,28 @@ def test_the_shipped_wine_model_sees_its_own_data_as_steady_and_a_shift_as_drift
         assert max(drifted.values()) < 0.1, drifted
 
 
-def test_heavy_traffic_is_sampled(drift_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_heavy_traffic_is_sampled(
+    drift_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     card = ModelCard.read(drift_repository / "steady" / "1" / CARD_FILENAME)
-    assert card.training_summary is not None
+    summary = card.training_summary
+    assert summary is not None
     clock = [1000.0]
     monkeypatch.setattr(drift.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(drift, "SAMPLED_ROWS_PER_SECOND", 500)
-    monitor = DriftMonitor(card, card.training_summary, window_rows=100_000, metrics=None)
     rng = np.random.default_rng(9)
     outputs = {"label_index": np.zeros(50, dtype=np.int64)}
-    for _ in range(10):  # ten seconds of 5000 rows each, in requests of 50
-        for _ in range(100):
-            monitor.observe({"features": training_rows(rng, 50)}, outputs)
-        clock[0] += 1.0
-    report = monitor.report()
+
+    async def observe_and_report() -> drift.DriftReport:
+        async with drift_store(tmp_path) as store:
+            monitor = DriftMonitor(card, summary, window_rows=100_000, metrics=None, store=store)
+            for _ in range(10):  # ten seconds of 5000 rows each, in requests of 50
+                for _ in range(100):
+                    monitor.observe({"features": training_rows(rng, 50)}, outputs)
+                clock[0] += 1.0
+            return await monitor.report()
+
+    report = asyncio.run(observe_and_report())
     assert report.sampled_share == pytest.approx(0.1)
     # The first second is binned whole (no rate known yet), then about 500 rows a second.
     assert 5000 + 9 * 500 * 0.7 < report.rows < 5000 + 9 * 500 * 1.3
