@@ -57,8 +57,6 @@ class Settings(BaseSettings):
     """Value of `Retry-After` on 503 answers."""
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest JSON request body accepted by `/predict` (larger: 413)."""
-    evaluation_busy_fraction_under_load: float = Field(default=0.3, gt=0.0, le=1.0)
-    """Most of its wall time an `/evaluate` may spend working while `/predict` traffic is seen (1: no cap)."""
 
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """onnxruntime execution providers in order of preference, comma-separated; empty = automatic."""
