@@ -4,10 +4,10 @@ What it measures (`python -m bench.evaluate_stream --help`):
 
 1. Builds (once, cached under `bench/results/`) a labelled CSV of N rows for the shipped `digits` model:
    the 8x8 pixels of scikit-learn's digits (rows drawn with replacement) plus a `label` column.
-2. Starts `modelserve serve` on the shipped model repository in a subprocess and samples its RSS
-   (`/proc/<pid>/status`) every 20 ms.
+2. Starts `modelserve serve` on the shipped model repository in a subprocess and samples its RSS, with
+   that of its child processes (the evaluation worker and the fork server that starts it), every 20 ms.
 3. The streamed evaluation alone: an httpx streaming upload of the CSV (`POST /evaluate?model=digits`);
-   rows/s and the server's RSS growth over its idle baseline (target: < 200 MB).
+   rows/s and the growth of that RSS over its idle baseline (target: < 200 MB).
 4. Idle `/predict` latency: sequential one-row requests over a keep-alive connection, 1 ms apart.
 5. The same evaluation again while the `/predict` loop runs: `/predict` p99 during it vs idle (target:
    within 2x).
@@ -68,15 +68,22 @@ def make_csv(path: Path, rows: int, seed: int = 0) -> None:
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """Resident set size of a process (VmRSS) and of its descendants; 0 for a process gone meanwhile."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        children = [
+            int(child)
+            for listing in Path(f"/proc/{pid}/task").glob("*/children")
+            for child in listing.read_text().split()
+        ]
+    except OSError:
+        return 0
+    own = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return own + sum(rss_bytes(child) for child in children)
 
 
 class RssSampler:
-    """Peak RSS of a process over a window, sampled every 20 ms in a thread."""
+    """Peak RSS of a process and its descendants over a window, sampled every 20 ms in a thread."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -315,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         servers = {name: stack.enter_context(server(MODELS, source)) for name, source in sources.items()}
         reports: dict[str, dict[str, Any]] = {}
         for name, (port, pid) in servers.items():
-            # The evaluation alone first: a /predict seen in the last seconds switches the server to
-            # smaller evaluation steps (see app/evaluate/routes.py), which this phase must not measure.
+            # The evaluation alone first: a server of older code (--compare-with) may take smaller
+            # evaluation steps for seconds after a /predict, which this phase must not measure.
             reports[name], figures = evaluation_alone(port, pid, path)
             assert reports[name]["n"] == args.rows
             results[name] = {"server": figures}

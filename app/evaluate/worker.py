@@ -83,7 +83,7 @@ class EvaluationWorker:
     `answer`; leaving the ``async with`` block kills a worker that is still running."""
 
     def __init__(self, job: EvaluationJob) -> None:
-        """Prepare the process and its pipes (`start` starts it)."""
+        """Prepare the process and its pipes (entering the ``async with`` block starts it)."""
         context = _context()
         self._upload_end, upload = context.Pipe(duplex=False)
         answer, self._answer_end = context.Pipe(duplex=False)
