@@ -4,10 +4,12 @@ What it measures (`python -m bench.evaluate_stream --help`):
 
 1. Builds (once, cached under `bench/results/`) a labelled CSV of N rows for the shipped `digits` model:
    the 8x8 pixels of scikit-learn's digits (rows drawn with replacement) plus a `label` column.
-2. Starts `modelserve serve` on the shipped model repository in a subprocess and samples its RSS, with
-   that of its child processes (the evaluation worker and the fork server that starts it), every 20 ms.
+2. Starts `modelserve serve` on the shipped model repository in a subprocess and samples its memory every
+   20 ms: the PSS of the server and of its child processes (the evaluation worker and the fork server
+   that starts it; PSS counts the pages a forked child shares with its parent once).
 3. The streamed evaluation alone: an httpx streaming upload of the CSV (`POST /evaluate?model=digits`);
-   rows/s and the growth of that RSS over its idle baseline (target: < 200 MB).
+   rows/s, the CPU seconds the server's processes spent (rows per CPU second does not depend on what
+   else the machine runs), and the growth of that memory over its idle baseline (target: < 200 MB).
 4. Idle `/predict` latency: sequential one-row requests over a keep-alive connection, 1 ms apart.
 5. The same evaluation again while the `/predict` loop runs: `/predict` p99 during it vs idle (target:
    within 2x).
@@ -67,23 +69,48 @@ def make_csv(path: Path, rows: int, seed: int = 0) -> None:
     tmp.rename(path)
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (VmRSS) and of its descendants; 0 for a process gone meanwhile."""
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a process that ends meanwhile is left out)."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
         children = [
             int(child)
             for listing in Path(f"/proc/{pid}/task").glob("*/children")
             for child in listing.read_text().split()
         ]
     except OSError:
+        return []
+    return [pid, *(found for child in children for found in process_tree(child))]
+
+
+def _field(path: str, name: str) -> int:
+    """A `Name:   <n> kB` line of a /proc file in bytes (0 when the process is gone)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
         return 0
-    own = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return own + sum(rss_bytes(child) for child in children)
+    return next((int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(name)), 0)
 
 
-class RssSampler:
-    """Peak RSS of a process and its descendants over a window, sampled every 20 ms in a thread."""
+def memory_bytes(pid: int) -> int:
+    """Memory of a process and its descendants: the sum of their proportional set sizes (PSS), so pages a
+    forked child shares with its parent count once."""
+    return sum(_field(f"/proc/{each}/smaps_rollup", "Pss:") for each in process_tree(pid))
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its descendants, those already reaped included."""
+    ticks = 0
+    for each in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class MemorySampler:
+    """Peak `memory_bytes` of a process over a window, sampled every 20 ms in a thread."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -93,11 +120,11 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.peak = max(self.peak, memory_bytes(self.pid))
             time.sleep(0.02)
 
-    def __enter__(self) -> RssSampler:
-        self.peak = rss_bytes(self.pid)
+    def __enter__(self) -> MemorySampler:
+        self.peak = memory_bytes(self.pid)
         self._thread.start()
         return self
 
@@ -240,15 +267,19 @@ def check_report(report: dict[str, Any], oracle: dict[str, Any]) -> dict[str, fl
 
 def evaluation_alone(port: int, pid: int, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The streamed evaluation with no other traffic: (report, figures)."""
-    baseline_rss = rss_bytes(pid)
-    with RssSampler(pid) as sampler:
+    baseline = memory_bytes(pid)
+    cpu_before = cpu_seconds(pid)
+    with MemorySampler(pid) as sampler:
         report, seconds = stream_evaluation(port, path)
+    cpu = cpu_seconds(pid) - cpu_before
     return report, {
         "seconds": seconds,
         "rows_per_second": report["n"] / seconds,
-        "rss_idle_mb": baseline_rss / 1e6,
-        "rss_peak_mb": sampler.peak / 1e6,
-        "rss_growth_mb": (sampler.peak - baseline_rss) / 1e6,
+        "server_cpu_seconds": cpu,
+        "rows_per_server_cpu_second": report["n"] / cpu,
+        "memory_idle_mb": baseline / 1e6,
+        "memory_peak_mb": sampler.peak / 1e6,
+        "memory_growth_mb": (sampler.peak - baseline) / 1e6,
     }
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from app.errors import ModelServeError, NotReady
 from app.evaluate.readers import ByteStream, EvaluationOptions, Schema, StreamFormat, stream_chunks
+from app.evaluate.readers.common import DEFAULT_CHUNK_ROWS
 from app.evaluate.runner import direct_infer, evaluate
 from app.repository import ModelLoadError, ModelSource, load_model
 from app.settings import Settings
@@ -35,8 +36,6 @@ from app.settings import Settings
 WORKER_NICENESS = 19
 """How much nicer than the server a worker makes itself (19: the lowest priority), so that `/predict` gets
 the CPU first whenever both want it."""
-STREAM_CHUNK_ROWS = 512
-"""Rows per chunk of a streamed upload: parsed, validated and run through the model at once."""
 MAX_NPZ_UPLOAD_BYTES = 4 * 1024**3
 """Largest NPZ upload (a zip needs random access, so it is spooled to a temporary file: the temporary
 directory must have room for it). Text formats are never stored, so they have no limit."""
@@ -256,10 +255,10 @@ async def _score(job: EvaluationJob, upload: int) -> dict[str, Any]:
         _read_pipe(upload),
         Schema.of(model),
         label_column=job.label_column,
-        chunk_rows=STREAM_CHUNK_ROWS,
+        chunk_rows=DEFAULT_CHUNK_ROWS,
         max_npz_bytes=MAX_NPZ_UPLOAD_BYTES,
     )
-    return await evaluate(model, chunks, direct_infer(model.run), job.options, piece_rows=STREAM_CHUNK_ROWS)
+    return await evaluate(model, chunks, direct_infer(model.run), job.options, piece_rows=DEFAULT_CHUNK_ROWS)
 
 
 def _load(job: EvaluationJob) -> Any:

@@ -82,7 +82,7 @@ async def csv_chunks(
     def convert(lines: list[bytes]) -> Chunk:
         assert layout is not None
         first = rows - len(lines) + 1
-        features, labels = _csv_rows(lines, layout, first)
+        features, labels = _csv_parse(lines, layout, first)
         return Chunk({spec.name: features}, encoder.encode_text(labels, first), first)
 
     async for lines in line_batches(stream):
@@ -106,57 +106,6 @@ async def csv_chunks(
         yield convert(pending)
     if rows == 0:
         raise InvalidInput("the evaluation set is empty: the CSV has a header but no rows")
-
-
-def _csv_rows(lines: list[bytes], layout: _CsvLayout, first_row: int) -> tuple[npt.NDArray[Any], list[str]]:
-    """The features and labels of a chunk's lines: numpy's text parser (`np.fromstring`) reads the numbers
-    once the lines are cut into feature text and labels; a chunk that this fast path does not cover (quoted
-    fields, the label column in the middle, anything that is not a number) is parsed by `_csv_parse`,
-    which locates the bad value.
-    """
-    split = _csv_split(lines, layout, first_row)
-    if split is not None:
-        text, labels = split
-        features = _parse_numbers(text, len(lines), len(layout.feature_columns))
-        if features is not None:
-            return features, labels
-    return _csv_parse(lines, layout, first_row)
-
-
-def _csv_split(lines: list[bytes], layout: _CsvLayout, first_row: int) -> tuple[bytes, list[str]] | None:
-    """Unquoted lines with the label first or last → (the feature fields joined by commas, the labels)."""
-    n_columns = len(layout.names)
-    expected = n_columns - 1
-    for i, line in enumerate(lines):
-        if line.count(b",") != expected:
-            if b'"' in line:
-                return None
-            raise _column_count(first_row + i, line.count(b",") + 1, n_columns)
-    if any(b'"' in line for line in lines):
-        return None
-    if layout.label_index == n_columns - 1:
-        parts = [line.rpartition(b",") for line in lines]
-        return b",".join([part[0] for part in parts]), [_label_text(part[2]) for part in parts]
-    if layout.label_index == 0:
-        parts = [line.partition(b",") for line in lines]
-        return b",".join([part[2] for part in parts]), [_label_text(part[0]) for part in parts]
-    return None
-
-
-def _label_text(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace").strip()
-
-
-def _parse_numbers(text: bytes, rows: int, columns: int) -> npt.NDArray[np.float64] | None:
-    """Comma-separated numbers → [rows, columns] float64 (as `np.loadtxt` reads them), or None when the
-    text holds anything but exactly that many numbers."""
-    try:
-        values = np.fromstring(text, dtype=np.float64, sep=",")
-    except ValueError:
-        return None
-    if values.size != rows * columns:
-        return None
-    return values.reshape(rows, columns)
 
 
 def _csv_parse(lines: list[bytes], layout: _CsvLayout, first_row: int) -> tuple[npt.NDArray[Any], list[str]]:
