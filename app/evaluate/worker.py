@@ -39,6 +39,9 @@ the CPU first whenever both want it."""
 MAX_NPZ_UPLOAD_BYTES = 4 * 1024**3
 """Largest NPZ upload (a zip needs random access, so it is spooled to a temporary file: the temporary
 directory must have room for it). Text formats are never stored, so they have no limit."""
+PIECE_ROWS = 512
+"""Rows per onnxruntime call, one call at a time: a session's memory grows with its largest batch (4096 rows
+of the shipped digits CNN take ~100 MB more than 512), and larger calls are not faster."""
 READ_BYTES = 1 << 16
 """Most bytes a worker takes from the upload pipe at once (a pipe's buffer holds 64 KiB)."""
 PROCESS_NAME = "modelserve-evaluate"
@@ -258,7 +261,9 @@ async def _score(job: EvaluationJob, upload: int) -> dict[str, Any]:
         chunk_rows=DEFAULT_CHUNK_ROWS,
         max_npz_bytes=MAX_NPZ_UPLOAD_BYTES,
     )
-    return await evaluate(model, chunks, direct_infer(model.run), job.options, piece_rows=DEFAULT_CHUNK_ROWS)
+    return await evaluate(
+        model, chunks, direct_infer(model.run), job.options, piece_rows=PIECE_ROWS, max_inflight_pieces=1
+    )
 
 
 def _load(job: EvaluationJob) -> Any:
