@@ -78,7 +78,7 @@ class _Request:
     signature: Hashable
     future: asyncio.Future[Tensors]
     enqueued_at: float
-    wait_limit: float = float("inf")  # seconds a request may stay queued before it fails
+    wait_limit: float  # seconds it may stay queued before it fails
     queued: bool = True  # false once taken into a batch, expired, or abandoned by its caller
 
 
@@ -226,13 +226,15 @@ class Batcher:
                 self.retry_after_seconds,
             )
         loop = asyncio.get_running_loop()
-        request = _Request(inputs, rows, self._signature(inputs), loop.create_future(), loop.time())
+        wait_limit = self.queue_timeout_seconds
+        if deadline_seconds is not None:
+            wait_limit = min(wait_limit, deadline_seconds)
+        request = _Request(
+            inputs, rows, self._signature(inputs), loop.create_future(), loop.time(), wait_limit
+        )
         self._active_at = request.enqueued_at
         self._queue.append(request)
         self._queued_rows += rows
-        request.wait_limit = self.queue_timeout_seconds
-        if deadline_seconds is not None:
-            request.wait_limit = min(request.wait_limit, deadline_seconds)
         deadline = request.enqueued_at + request.wait_limit
         heapq.heappush(self._deadlines, (deadline, next(self._arrivals), request))
         if self._expiry is None or deadline < self._expiry.when():

@@ -115,7 +115,6 @@ class EvaluateEndpoint:
                 "a streamed body names its model in the query string: POST /evaluate?model=<name>"
             )
         model = self.dataplane.get_model(name, parse_version(query.get("version")))
-        request.model = model.name
         job = EvaluationJob(
             source=self.dataplane.source_of(model),
             sha256=model.card.onnx.sha256,
@@ -127,6 +126,7 @@ class EvaluateEndpoint:
                 query.get("zero_division"), query.get("top_k"), query.get("pos_label")
             ),
         )
+        request.model = model.name
         return await evaluate_upload(job, request.body.stream())
 
 
