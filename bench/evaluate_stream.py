@@ -283,18 +283,31 @@ def evaluation_alone(port: int, pid: int, path: Path) -> tuple[dict[str, Any], d
     }
 
 
-def predict_during_evaluation(port: int, body: bytes, rows: int) -> tuple[list[float], float]:
+def predict_during_evaluation(
+    port: int, body: bytes, rows: int, uploader_nice: int = 0
+) -> tuple[list[float], float]:
     """/predict latencies while a streamed evaluation runs, and the evaluation's seconds.
 
     The upload runs in its own process so that it does not share this process's GIL with the /predict
-    client (which would inflate the client-side latencies measured here)."""
+    client (which would inflate the client-side latencies measured here), made `uploader_nice` nicer."""
     stop = threading.Event()
     during: list[float] = []
     thread = threading.Thread(target=lambda: during.extend(predict_loop(port, body, stop)))
     thread.start()
     try:
         upload = subprocess.run(
-            [sys.executable, "-m", "bench.evaluate_stream", "--upload-to", str(port), "--rows", str(rows)],
+            [
+                *(["nice", "-n", str(uploader_nice)] if uploader_nice else []),
+                *[
+                    sys.executable,
+                    "-m",
+                    "bench.evaluate_stream",
+                    "--upload-to",
+                    str(port),
+                    "--rows",
+                    str(rows),
+                ],
+            ],
             cwd=Path(__file__).parent.parent,
             capture_output=True,
             text=True,
@@ -321,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         help="another source tree (e.g. `git archive <commit> app | tar -x -C DIR`) served side by side: "
         "every round measures both servers, in alternating order",
     )
+    parser.add_argument(
+        "--uploader-nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the uploader of the during-evaluation phases N nicer (as if the upload came from another "
+        "machine): what is left of the /predict tail is then the server's own",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="skip the in-process baseline")
     parser.add_argument("--upload-to", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -343,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
         "rounds": args.rounds,
+        "uploader_nice": args.uploader_nice,
     }
     sources: dict[str, Path | None] = {"current": None}
     if args.compare_with is not None:
@@ -366,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 port, _ = servers[name]
                 predict_loop(port, predict_body, threading.Event(), 200)  # warm-up
                 idle = predict_loop(port, predict_body, threading.Event(), args.predict_requests)
-                during, seconds = predict_during_evaluation(port, predict_body, args.rows)
+                during, seconds = predict_during_evaluation(port, predict_body, args.rows, args.uploader_nice)
                 ratio = summary(during)["p99_ms"] / summary(idle)["p99_ms"]
                 mine = samples[name]
                 mine["idle"] += idle
