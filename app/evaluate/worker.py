@@ -22,6 +22,7 @@ import sys
 import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any
@@ -98,14 +99,13 @@ class EvaluationWorker:
         os.set_blocking(self._answer, False)
 
     async def __aenter__(self) -> EvaluationWorker:
-        """Start the worker, in a thread: the first start also starts the fork server (about a second)."""
-        started = asyncio.get_running_loop().run_in_executor(None, self.process.start)
+        """Start the worker: the fork server forks it (a few milliseconds; the first evaluation starts the
+        fork server itself, about a second, in a thread)."""
         try:
-            await asyncio.shield(started)
+            await asyncio.to_thread(forkserver.ensure_running)
+            self.process.start()
         except BaseException:
-            with contextlib.suppress(Exception):
-                await started  # cancelled meanwhile: let the start end, then stop what it started
-            await self._stop()
+            self._close_pipes()
             raise
         finally:
             # The worker holds its own copies now: EOF on either pipe means the other side is done.
@@ -116,21 +116,16 @@ class EvaluationWorker:
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        """Kill the worker if it still runs (it has answered, or nobody waits for its answer)."""
-        await self._stop()
-
-    async def _stop(self) -> None:
-        """Kill the worker if it runs, wait for its end, close the pipes."""
+        """Kill the worker if it still runs (it has answered, or nobody waits for its answer), wait for its
+        end, close the pipes."""
         try:
-            if self.process.pid is not None:
-                if self.process.is_alive():
-                    self.process.kill()
-                await _readable(self.process.sentinel)
-                self.process.join()
+            if self.process.is_alive():
+                self.process.kill()
+            await _readable(self.process.sentinel)
+            self.process.join()
             self.process.close()
         finally:
-            self._close_upload()
-            os.close(self._answer)
+            self._close_pipes()
 
     async def send(self, data: bytes) -> bool:
         """Write ``data`` into the upload pipe, waiting while the pipe is full; False once the worker has
@@ -184,6 +179,10 @@ class EvaluationWorker:
         if self._upload is not None:
             os.close(self._upload)
             self._upload = None
+
+    def _close_pipes(self) -> None:
+        self._close_upload()
+        os.close(self._answer)
 
 
 async def evaluate_upload(job: EvaluationJob, body: AsyncIterator[bytes]) -> dict[str, Any]:
