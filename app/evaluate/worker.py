@@ -1,8 +1,8 @@
 """The process that scores a streamed `/evaluate` upload, away from the serving process's event loop.
 
-Each streamed evaluation runs in a process of its own, forked by multiprocessing's fork server: a
-single-threaded process that has this module (numpy, onnxruntime, the readers) imported, so a worker
-starts in milliseconds and the serving process, with its threads and sessions, is never forked. The
+Each streamed evaluation runs in a process of its own, forked by multiprocessing's fork server: a process
+that serves nothing and has this module (numpy, onnxruntime, the readers) imported, so a worker starts in
+milliseconds and the serving process, with its threads and sessions, is never forked. The
 worker makes itself as nice as it can be (`WORKER_NICENESS`), loads the model version the request
 resolved into its own onnxruntime session (one thread per operator), and reads the upload from a pipe
 that the event loop fills as the body arrives: the pipe's buffer is the back-pressure. It parses,
@@ -31,7 +31,7 @@ from app.errors import ModelServeError, NotReady
 from app.evaluate.readers import ByteStream, EvaluationOptions, Schema, StreamFormat, stream_chunks
 from app.evaluate.readers.common import DEFAULT_CHUNK_ROWS
 from app.evaluate.runner import direct_infer, evaluate
-from app.repository import ModelLoadError, ModelSource, load_model
+from app.repository import LoadedModel, ModelLoadError, ModelSource, load_model
 from app.settings import Settings
 
 WORKER_NICENESS = 19
@@ -265,7 +265,7 @@ async def _score(job: EvaluationJob, upload: int) -> dict[str, Any]:
     )
 
 
-def _load(job: EvaluationJob) -> Any:
+def _load(job: EvaluationJob) -> LoadedModel:
     """The job's model version in a session of this process (one thread per operator)."""
     source = job.source
     settings = job.settings.model_copy(update={"intra_op_threads": 1, "inter_op_threads": 1})
