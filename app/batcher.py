@@ -15,8 +15,6 @@ The rules (each is tested in `tests/serving/test_batcher.py`):
   Retry-After); one still queued at its deadline raises `DeadlineExceeded` (504) and never runs. The
   deadline is the client's own (`deadline_seconds`) capped by `queue_timeout_seconds`; one timer, kept on
   the earliest pending deadline (a heap, since mixed deadlines do not follow arrival order), expires them.
-* Background requests (`/evaluate`) fill only the room that waiting foreground rows leave, and wait for
-  queue space instead of being refused.
 * Outputs are split back per request after checking that every output has one row per input row. A batch
   that fails fails only its own requests. Callers that went away are skipped; results are only set on
   futures that are not done yet.
@@ -80,8 +78,7 @@ class _Request:
     signature: Hashable
     future: asyncio.Future[Tensors]
     enqueued_at: float
-    background: bool
-    wait_limit: float = float("inf")  # seconds a foreground request may stay queued before it fails
+    wait_limit: float  # seconds it may stay queued before it fails
     queued: bool = True  # false once taken into a batch, expired, or abandoned by its caller
 
 
@@ -104,7 +101,6 @@ class Batcher:
         queue_timeout_seconds: float = 30.0,
         retry_after_seconds: float = 1.0,
         executor: Executor | None = None,
-        background_executor: Executor | None = None,
         metrics: ModelPrometheusMetrics | None = None,
         name: str = "model",
     ) -> None:
@@ -114,14 +110,12 @@ class Batcher:
             run: blocking call of the model on one batch (runs in `executor`).
             max_batch_rows: most rows per call (a larger single request runs alone).
             max_delay_seconds: longest the oldest waiting request waits for more rows once the model is free.
-            max_queue_rows: rows that may wait; more raises `Overloaded` (background requests wait instead).
+            max_queue_rows: rows that may wait; more raises `Overloaded`.
             collate: stacks the inputs of several requests into one batch.
             signature: requests batch together only when their signatures are equal.
-            queue_timeout_seconds: longest a foreground request may wait before `DeadlineExceeded`.
+            queue_timeout_seconds: longest a request may wait before `DeadlineExceeded`.
             retry_after_seconds: the `Retry-After` hint carried by `Overloaded` and `NotReady`.
             executor: where `run` executes (the loop's default executor when None).
-            background_executor: where a batch of background rows only executes (low-priority threads,
-                so that the CPU goes to interactive work first); `executor` when None.
             metrics: the model's bound metrics (queue time, inference time, batch rows, queue rows).
             name: the model's name, for logs.
         """
@@ -134,17 +128,13 @@ class Batcher:
         self._collate = collate
         self._signature = signature
         self._executor = executor
-        self._background_executor = background_executor or executor
         self._metrics = metrics
         self.name = name
-        self._foreground: deque[_Request] = deque()
-        self._background: deque[_Request] = deque()
-        self._foreground_rows = 0
-        self._background_rows = 0
+        self._queue: deque[_Request] = deque()
+        self._queued_rows = 0
         self._arrived = asyncio.Event()  # set on every submission: wakes an idle or waiting worker
-        self._space = asyncio.Event()  # set whenever rows leave the queue: wakes waiting background callers
         self._in_flight: list[_Request] = []
-        # Foreground deadlines, earliest first (`(deadline, arrival number, request)`), and one timer for
+        # Deadlines, earliest first (`(deadline, arrival number, request)`), and one timer for
         # the earliest. Entries of requests that left the queue are dropped lazily from the top.
         self._deadlines: list[tuple[float, int, _Request]] = []
         self._arrivals = itertools.count()
@@ -156,8 +146,8 @@ class Batcher:
 
     @property
     def queued_rows(self) -> int:
-        """Rows waiting (foreground and background)."""
-        return self._foreground_rows + self._background_rows
+        """Rows waiting."""
+        return self._queued_rows
 
     def idle_seconds(self) -> float:
         """Seconds since the last submission or finished batch; 0 while rows wait or a batch runs."""
@@ -178,9 +168,8 @@ class Batcher:
 
     async def close(self, refusal: str) -> None:
         """Refuse new requests (`NotReady` with `refusal`), let every queued and running one finish, then end
-        the worker. Background callers still waiting for queue space are refused too."""
+        the worker."""
         self._closed, self._refusal = True, refusal
-        self._space.set()
         self._arrived.set()  # a waiting worker runs what is queued now; an idle one ends
         if self._task is not None:
             await asyncio.wait({self._task})  # not `await task`: a `stop()` meanwhile cancels the task
@@ -190,7 +179,6 @@ class Batcher:
     async def stop(self) -> None:
         """Stop the worker and answer every waiting or running request with `NotReady`."""
         self._closed, self._refusal = True, "the server is shutting down"
-        self._space.set()  # background callers waiting for room see the batcher closed
         self._cancel_expiry()
         in_flight = list(self._in_flight)  # the worker clears its list when cancelled
         if self._task is not None:
@@ -198,12 +186,11 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for request in [*in_flight, *self._foreground, *self._background]:
+        for request in [*in_flight, *self._queue]:
             self._dequeue(request)
             if not request.future.done():
                 request.future.set_exception(NotReady(self._refusal, self.retry_after_seconds))
-        self._foreground.clear()
-        self._background.clear()
+        self._queue.clear()
         self._deadlines.clear()
         self._in_flight = []
         self._report_queue()
@@ -213,7 +200,6 @@ class Batcher:
         inputs: Mapping[str, np.ndarray],
         rows: int,
         *,
-        background: bool = False,
         deadline_seconds: float | None = None,
     ) -> Tensors:
         """Queue one request's rows and wait for its own outputs.
@@ -221,49 +207,38 @@ class Batcher:
         Args:
             inputs: validated arrays, all with `rows` rows.
             rows: number of rows (the batch axis length).
-            background: yield to foreground requests, and wait for queue space instead of failing.
-            deadline_seconds: the client's own limit on queueing (foreground only), capped by
-                `queue_timeout_seconds`; None for that cap alone.
+            deadline_seconds: the client's own limit on queueing, capped by `queue_timeout_seconds`; None
+                for that cap alone.
 
         Raises:
-            Overloaded: the queue is full (foreground only).
-            DeadlineExceeded: still queued at its deadline (foreground only); it never runs.
+            Overloaded: the queue is full.
+            DeadlineExceeded: still queued at its deadline; it never runs.
             NotReady: the batcher is stopped or closed.
             InferenceFailed: the batch this request ran in failed.
         """
         if self._closed:
             raise NotReady(self._refusal, self.retry_after_seconds)
-        if background:
-            while self._background_rows and self._background_rows + rows > self.max_queue_rows:
-                self._space.clear()
-                await self._space.wait()
-                if self._closed:
-                    raise NotReady(self._refusal, self.retry_after_seconds)
-        elif self._foreground_rows and self._foreground_rows + rows > self.max_queue_rows:
+        if self._queued_rows and self._queued_rows + rows > self.max_queue_rows:
             hint = "retry later" if rows <= self.max_queue_rows else "send fewer rows per request"
             raise Overloaded(
-                f"model {self.name!r} has {self._foreground_rows} rows queued and the limit is "
+                f"model {self.name!r} has {self._queued_rows} rows queued and the limit is "
                 f"{self.max_queue_rows}; {hint}",
                 self.retry_after_seconds,
             )
         loop = asyncio.get_running_loop()
+        wait_limit = self.queue_timeout_seconds
+        if deadline_seconds is not None:
+            wait_limit = min(wait_limit, deadline_seconds)
         request = _Request(
-            inputs, rows, self._signature(inputs), loop.create_future(), loop.time(), background
+            inputs, rows, self._signature(inputs), loop.create_future(), loop.time(), wait_limit
         )
         self._active_at = request.enqueued_at
-        if background:
-            self._background.append(request)
-            self._background_rows += rows
-        else:
-            self._foreground.append(request)
-            self._foreground_rows += rows
-            request.wait_limit = self.queue_timeout_seconds
-            if deadline_seconds is not None:
-                request.wait_limit = min(request.wait_limit, deadline_seconds)
-            deadline = request.enqueued_at + request.wait_limit
-            heapq.heappush(self._deadlines, (deadline, next(self._arrivals), request))
-            if self._expiry is None or deadline < self._expiry.when():
-                self._arm_expiry(loop)
+        self._queue.append(request)
+        self._queued_rows += rows
+        deadline = request.enqueued_at + request.wait_limit
+        heapq.heappush(self._deadlines, (deadline, next(self._arrivals), request))
+        if self._expiry is None or deadline < self._expiry.when():
+            self._arm_expiry(loop)
         self._report_queue()
         self._arrived.set()
         try:
@@ -280,11 +255,7 @@ class Batcher:
         if not request.queued:
             return
         request.queued = False
-        if request.background:
-            self._background_rows -= request.rows
-        else:
-            self._foreground_rows -= request.rows
-        self._space.set()
+        self._queued_rows -= request.rows
 
     def _report_queue(self) -> None:
         if self._metrics is not None:
@@ -310,7 +281,7 @@ class Batcher:
             self._expiry = loop.call_at(deadline, self._expire, deadline)
 
     def _expire(self, due: float) -> None:
-        """Fail the foreground requests whose deadline is `due` or past, then wait for the next deadline."""
+        """Fail the requests whose deadline is `due` or past, then wait for the next deadline."""
         self._expiry = None
         loop = asyncio.get_running_loop()
         due = max(due, loop.time())  # a timer may fire a hair early: what it was set for is due
@@ -337,11 +308,10 @@ class Batcher:
 
     def _oldest(self) -> _Request | None:
         """The oldest request still queued (dropping abandoned ones from the front)."""
-        for queue in (self._foreground, self._background):
-            while queue and not queue[0].queued:
-                queue.popleft()
-        candidates = [queue[0] for queue in (self._foreground, self._background) if queue]
-        return min(candidates, key=lambda r: r.enqueued_at) if candidates else None
+        queue = self._queue
+        while queue and not queue[0].queued:
+            queue.popleft()
+        return queue[0] if queue else None
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -376,28 +346,26 @@ class Batcher:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
     def _take(self) -> list[_Request]:
-        """Form the next batch: foreground first (FIFO), background only in the room foreground leaves."""
+        """Form the next batch (FIFO)."""
         batch: list[_Request] = []
         rows = 0
         signature: Hashable = None
-        for queue in (self._foreground, self._background):
-            if queue is self._background and self._foreground_rows:
-                break  # foreground rows still wait (they did not fit): background yields to them
-            while queue:
-                request = queue[0]
-                if not request.queued or request.future.done():
-                    queue.popleft()
-                    self._dequeue(request)
-                    continue
-                if batch and (rows + request.rows > self.max_batch_rows or request.signature != signature):
-                    break
+        queue = self._queue
+        while queue:
+            request = queue[0]
+            if not request.queued or request.future.done():
                 queue.popleft()
                 self._dequeue(request)
-                batch.append(request)
-                rows += request.rows
-                signature = request.signature
-                if rows >= self.max_batch_rows:
-                    return batch
+                continue
+            if batch and (rows + request.rows > self.max_batch_rows or request.signature != signature):
+                break
+            queue.popleft()
+            self._dequeue(request)
+            batch.append(request)
+            rows += request.rows
+            signature = request.signature
+            if rows >= self.max_batch_rows:
+                break
         return batch
 
     async def _execute(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
@@ -410,9 +378,7 @@ class Batcher:
         seconds = 0.0
         try:
             inputs = batch[0].inputs if len(batch) == 1 else self._collate([r.inputs for r in batch])
-            background = all(request.background for request in batch)
-            executor = self._background_executor if background else self._executor
-            outputs, seconds = await loop.run_in_executor(executor, self._timed_run, inputs)
+            outputs, seconds = await loop.run_in_executor(self._executor, self._timed_run, inputs)
             pieces = split_rows(outputs, rows)
         except Exception as err:
             logger.error(

@@ -35,7 +35,6 @@ from app.quality.store import DriftStore
 from app.repository import LoadedModel, ModelLoadError, ModelSource, load_model, scan_repository
 from app.session import resolve_providers
 from app.settings import Settings
-from app.threads import lower_thread_priority
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +106,6 @@ class DataPlane:
         self._entries: dict[str, dict[int, _Entry]] = {}
         self._providers: list[str] = []
         self._executor: ThreadPoolExecutor | None = None
-        self._background_executor: ThreadPoolExecutor | None = None
         self._loader: ThreadPoolExecutor | None = None
         self._started = False
         self._stopping = False
@@ -117,9 +115,6 @@ class DataPlane:
         self._drains: set[asyncio.Task[None]] = set()
         self._drift_store = DriftStore(settings.state_dir)
         """The input-drift windows that the workers of the server share (opened on the first write)."""
-        self.interactive_requests = 0
-        """Requests of the interactive endpoints (`/predict`, V2 inference) being answered in this process:
-        the front counts them, bulk work (`/evaluate`) yields to them."""
 
     # ---------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -131,14 +126,7 @@ class DataPlane:
         self._executor = ThreadPoolExecutor(
             max_workers=max(4, len(sources) + 2), thread_name_prefix="inference"
         )
-        # Batches of `/evaluate` rows only run in low-priority threads: on a busy machine the scheduler
-        # gives the CPU to `/predict` first (see `app.threads`).
-        self._background_executor = ThreadPoolExecutor(
-            max_workers=max(4, len(sources) + 2),
-            thread_name_prefix="inference-bulk",
-            initializer=lower_thread_priority,
-        )
-        # Loads run one at a time in a thread of normal priority: onnxruntime's threads inherit it.
+        # Loads run one at a time in a thread of their own.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
         async with self._lock:
             await self._apply_repository(sources, retry_failed=True)
@@ -163,7 +151,7 @@ class DataPlane:
                 if entry.drift is not None:
                     entry.drift.flush()
         await self._drift_store.close()
-        for executor in (self._executor, self._background_executor, self._loader):
+        for executor in (self._executor, self._loader):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
 
@@ -314,7 +302,6 @@ class DataPlane:
             collate=model.collate,
             signature=model.batch_signature,
             executor=self._executor,
-            background_executor=self._background_executor,
             metrics=self.metrics.for_model(model.name),
             name=model.name,
         )
@@ -411,6 +398,21 @@ class DataPlane:
             raise self._not_ready(name, entry)
         return entry.model
 
+    def source_of(self, model: LoadedModel) -> ModelSource:
+        """Where a version from `get_model` was loaded from (its files may change after that: a reader of
+        them compares the graph's sha256 with the model card's).
+
+        Raises:
+            NotReady: the version is no longer known (its folder was removed and its requests are done).
+        """
+        entry = self._entries.get(model.name, {}).get(model.version)
+        if entry is None:
+            raise NotReady(
+                f"model {model.name!r} version {model.version} was unloaded",
+                self.settings.retry_after_seconds,
+            )
+        return entry.source
+
     def _not_ready(self, name: str, entry: _Entry) -> NotReady:
         detail = f": {entry.reason}" if entry.reason else ""
         return NotReady(
@@ -451,7 +453,6 @@ class DataPlane:
         model: LoadedModel,
         inputs: dict[str, Any],
         *,
-        background: bool = False,
         deadline_seconds: float | None = None,
     ) -> Tensors:
         """Validate inputs, run them through the model's batcher, return every graph output for these rows.
@@ -459,7 +460,6 @@ class DataPlane:
         Args:
             model: from `get_model`.
             inputs: one entry per graph input (arrays or nested lists), batch axis first.
-            background: bulk work (`/evaluate`): yields to waiting foreground rows, waits for queue space.
             deadline_seconds: the client's limit on queueing (see `Batcher.submit`); without batching
                 nothing queues, so it does not apply.
 
@@ -468,10 +468,7 @@ class DataPlane:
             Overloaded, DeadlineExceeded, NotReady, InferenceFailed: see `Batcher.submit`.
         """
         return await self.run_validated(
-            model,
-            model.validate_inputs(inputs),
-            background=background,
-            deadline_seconds=deadline_seconds,
+            model, model.validate_inputs(inputs), deadline_seconds=deadline_seconds
         )
 
     async def run_validated(
@@ -479,11 +476,12 @@ class DataPlane:
         model: LoadedModel,
         arrays: Tensors,
         *,
-        background: bool = False,
         deadline_seconds: float | None = None,
+        live: bool = True,
     ) -> Tensors:
         """`infer` for arrays that `model.validate_inputs` already returned (`/evaluate` validates each
         chunk once, naming its rows, then runs it in pieces): the same batcher, without checking again.
+        `live`: served traffic, counted for input drift (`/evaluate` is not).
 
         Raises:
             Overloaded, DeadlineExceeded, NotReady, InferenceFailed: see `Batcher.submit`.
@@ -498,10 +496,8 @@ class DataPlane:
         if not self.settings.batching:
             outputs = await self._run_alone(model, arrays, rows)
         else:
-            outputs = await entry.batcher.submit(
-                arrays, rows, background=background, deadline_seconds=deadline_seconds
-            )
-        if entry.drift is not None and not background:  # bulk work (`/evaluate`) is not live traffic
+            outputs = await entry.batcher.submit(arrays, rows, deadline_seconds=deadline_seconds)
+        if live and entry.drift is not None:
             entry.drift.observe(arrays, outputs)
         return outputs
 

@@ -58,8 +58,6 @@ class Settings(BaseSettings):
     """Value of `Retry-After` on 503 answers."""
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest JSON request body accepted by `/predict` (larger: 413)."""
-    evaluation_busy_fraction_under_load: float = Field(default=0.3, gt=0.0, le=1.0)
-    """Most of its wall time an `/evaluate` may spend working while `/predict` traffic is seen (1: no cap)."""
     drift_window_rows: int = Field(default=10_000, ge=0)
     """Rows served by `/predict` and V2 infer in each model version's input-drift window (0: off)."""
 

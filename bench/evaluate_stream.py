@@ -4,10 +4,12 @@ What it measures (`python -m bench.evaluate_stream --help`):
 
 1. Builds (once, cached under `bench/results/`) a labelled CSV of N rows for the shipped `digits` model:
    the 8x8 pixels of scikit-learn's digits (rows drawn with replacement) plus a `label` column.
-2. Starts `modelserve serve` on the shipped model repository in a subprocess and samples its RSS
-   (`/proc/<pid>/status`) every 20 ms.
+2. Starts `modelserve serve` on the shipped model repository in a subprocess and samples its memory every
+   20 ms: the PSS of the server and of its child processes (the evaluation worker and the fork server
+   that starts it; PSS counts the pages a forked child shares with its parent once).
 3. The streamed evaluation alone: an httpx streaming upload of the CSV (`POST /evaluate?model=digits`);
-   rows/s and the server's RSS growth over its idle baseline (target: < 200 MB).
+   rows/s, the CPU seconds the server's processes spent (rows per CPU second does not depend on what
+   else the machine runs), and the growth of that memory over its idle baseline (target: < 200 MB).
 4. Idle `/predict` latency: sequential one-row requests over a keep-alive connection, 1 ms apart.
 5. The same evaluation again while the `/predict` loop runs: `/predict` p99 during it vs idle (target:
    within 2x).
@@ -67,16 +69,48 @@ def make_csv(path: Path, rows: int, seed: int = 0) -> None:
     tmp.rename(path)
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a process that ends meanwhile is left out)."""
+    try:
+        children = [
+            int(child)
+            for listing in Path(f"/proc/{pid}/task").glob("*/children")
+            for child in listing.read_text().split()
+        ]
+    except OSError:
+        return []
+    return [pid, *(found for child in children for found in process_tree(child))]
 
 
-class RssSampler:
-    """Peak RSS of a process over a window, sampled every 20 ms in a thread."""
+def _field(path: str, name: str) -> int:
+    """A `Name:   <n> kB` line of a /proc file in bytes (0 when the process is gone)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(name)), 0)
+
+
+def memory_bytes(pid: int) -> int:
+    """Memory of a process and its descendants: the sum of their proportional set sizes (PSS), so pages a
+    forked child shares with its parent count once."""
+    return sum(_field(f"/proc/{each}/smaps_rollup", "Pss:") for each in process_tree(pid))
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its descendants, those already reaped included."""
+    ticks = 0
+    for each in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class MemorySampler:
+    """Peak `memory_bytes` of a process over a window, sampled every 20 ms in a thread."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -86,11 +120,11 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.peak = max(self.peak, memory_bytes(self.pid))
             time.sleep(0.02)
 
-    def __enter__(self) -> RssSampler:
-        self.peak = rss_bytes(self.pid)
+    def __enter__(self) -> MemorySampler:
+        self.peak = memory_bytes(self.pid)
         self._thread.start()
         return self
 
@@ -233,30 +267,47 @@ def check_report(report: dict[str, Any], oracle: dict[str, Any]) -> dict[str, fl
 
 def evaluation_alone(port: int, pid: int, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The streamed evaluation with no other traffic: (report, figures)."""
-    baseline_rss = rss_bytes(pid)
-    with RssSampler(pid) as sampler:
+    baseline = memory_bytes(pid)
+    cpu_before = cpu_seconds(pid)
+    with MemorySampler(pid) as sampler:
         report, seconds = stream_evaluation(port, path)
+    cpu = cpu_seconds(pid) - cpu_before
     return report, {
         "seconds": seconds,
         "rows_per_second": report["n"] / seconds,
-        "rss_idle_mb": baseline_rss / 1e6,
-        "rss_peak_mb": sampler.peak / 1e6,
-        "rss_growth_mb": (sampler.peak - baseline_rss) / 1e6,
+        "server_cpu_seconds": cpu,
+        "rows_per_server_cpu_second": report["n"] / cpu,
+        "memory_idle_mb": baseline / 1e6,
+        "memory_peak_mb": sampler.peak / 1e6,
+        "memory_growth_mb": (sampler.peak - baseline) / 1e6,
     }
 
 
-def predict_during_evaluation(port: int, body: bytes, rows: int) -> tuple[list[float], float]:
+def predict_during_evaluation(
+    port: int, body: bytes, rows: int, uploader_nice: int = 0
+) -> tuple[list[float], float]:
     """/predict latencies while a streamed evaluation runs, and the evaluation's seconds.
 
     The upload runs in its own process so that it does not share this process's GIL with the /predict
-    client (which would inflate the client-side latencies measured here)."""
+    client (which would inflate the client-side latencies measured here), made `uploader_nice` nicer."""
     stop = threading.Event()
     during: list[float] = []
     thread = threading.Thread(target=lambda: during.extend(predict_loop(port, body, stop)))
     thread.start()
     try:
         upload = subprocess.run(
-            [sys.executable, "-m", "bench.evaluate_stream", "--upload-to", str(port), "--rows", str(rows)],
+            [
+                *(["nice", "-n", str(uploader_nice)] if uploader_nice else []),
+                *[
+                    sys.executable,
+                    "-m",
+                    "bench.evaluate_stream",
+                    "--upload-to",
+                    str(port),
+                    "--rows",
+                    str(rows),
+                ],
+            ],
             cwd=Path(__file__).parent.parent,
             capture_output=True,
             text=True,
@@ -283,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         help="another source tree (e.g. `git archive <commit> app | tar -x -C DIR`) served side by side: "
         "every round measures both servers, in alternating order",
     )
+    parser.add_argument(
+        "--uploader-nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the uploader of the during-evaluation phases N nicer (as if the upload came from another "
+        "machine): what is left of the /predict tail is then the server's own",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="skip the in-process baseline")
     parser.add_argument("--upload-to", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -305,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
         "rounds": args.rounds,
+        "uploader_nice": args.uploader_nice,
     }
     sources: dict[str, Path | None] = {"current": None}
     if args.compare_with is not None:
@@ -315,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         servers = {name: stack.enter_context(server(MODELS, source)) for name, source in sources.items()}
         reports: dict[str, dict[str, Any]] = {}
         for name, (port, pid) in servers.items():
-            # The evaluation alone first: a /predict seen in the last seconds switches the server to
-            # smaller evaluation steps (see app/evaluate/routes.py), which this phase must not measure.
+            # The evaluation alone first: a server of older code (--compare-with) may take smaller
+            # evaluation steps for seconds after a /predict, which this phase must not measure.
             reports[name], figures = evaluation_alone(port, pid, path)
             assert reports[name]["n"] == args.rows
             results[name] = {"server": figures}
@@ -328,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 port, _ = servers[name]
                 predict_loop(port, predict_body, threading.Event(), 200)  # warm-up
                 idle = predict_loop(port, predict_body, threading.Event(), args.predict_requests)
-                during, seconds = predict_during_evaluation(port, predict_body, args.rows)
+                during, seconds = predict_during_evaluation(port, predict_body, args.rows, args.uploader_nice)
                 ratio = summary(during)["p99_ms"] / summary(idle)["p99_ms"]
                 mine = samples[name]
                 mine["idle"] += idle

@@ -2,5 +2,6 @@
 
 `readers` turns a JSON body or a streamed NDJSON / CSV / NPZ upload into chunks of model inputs and
 encoded targets; `runner` sends each chunk through the model and keeps only the counts of
-`app.scoring`; `routes` is the HTTP endpoint and `cli` the command line.
+`app.scoring`; `routes` is the HTTP endpoint, `worker` the process that scores a streamed upload for it,
+and `cli` the command line.
 """

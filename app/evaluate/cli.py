@@ -18,7 +18,7 @@ import math
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from rich.console import Console
@@ -39,13 +39,12 @@ from app.evaluate.readers import (
     Chunk,
     EvaluationOptions,
     Schema,
-    csv_chunks,
+    StreamFormat,
     json_chunks,
-    ndjson_chunks,
-    npz_chunks,
     parse_json_body,
+    stream_chunks,
 )
-from app.evaluate.runner import Tensors, evaluate, flat_scores
+from app.evaluate.runner import direct_infer, evaluate, flat_scores
 
 FORMATS = {
     ".csv": "csv",
@@ -250,10 +249,6 @@ def _local(args: argparse.Namespace, fmt: str, console: Console) -> dict[str, An
     model = _load_local_model(args)
     schema = Schema.of(model)
 
-    async def infer(inputs: Tensors) -> Tensors:  # validated by the runner
-        outputs: Tensors = await asyncio.to_thread(model.run, inputs)
-        return outputs
-
     async def score(progress: Progress, task: Any) -> dict[str, Any]:
         async def file_stream() -> ByteStream:
             with args.file.open("rb") as handle:
@@ -268,13 +263,15 @@ def _local(args: argparse.Namespace, fmt: str, console: Console) -> dict[str, An
             options = request.options
             chunks = json_chunks(request, schema, LOCAL_CHUNK_ROWS)
             progress.update(task, completed=args.file.stat().st_size)
-        elif fmt == "csv":
-            chunks = csv_chunks(file_stream(), schema, args.label_column, LOCAL_CHUNK_ROWS)
-        elif fmt == "ndjson":
-            chunks = ndjson_chunks(file_stream(), schema, LOCAL_CHUNK_ROWS)
         else:
-            chunks = npz_chunks(file_stream(), schema, LOCAL_CHUNK_ROWS)
-        return await evaluate(model, chunks, infer, options, piece_rows=LOCAL_CHUNK_ROWS)
+            chunks = stream_chunks(
+                cast(StreamFormat, fmt),  # one of the --format choices
+                file_stream(),
+                schema,
+                label_column=args.label_column,
+                chunk_rows=LOCAL_CHUNK_ROWS,
+            )
+        return await evaluate(model, chunks, direct_infer(model.run), options, piece_rows=LOCAL_CHUNK_ROWS)
 
     with _progress(console) as progress:
         task = progress.add_task(f"scoring {args.file.name}", total=args.file.stat().st_size)

@@ -1,11 +1,12 @@
 """The evaluation loop: chunks of rows → the model → mergeable counts → the report.
 
-Protocol-free: the HTTP route passes `DataPlane.infer(..., background=True)` (the same batcher as
-`/predict`, yielding to its rows), the CLI's local mode a direct onnxruntime call. The inputs of each
-chunk go through the model's input validator first (the rules of `/predict`, rows named from the start
-of the set), so ``infer`` gets arrays of the graph's dtypes and shapes. Only the counts of
-`app.scoring` outlive a chunk, and at most ``max_inflight_chunks`` chunks are held at once (one being
-parsed while the previous one is in the model), so memory does not grow with the number of rows.
+Protocol-free: the HTTP route passes `DataPlane.run_validated` for a JSON body (the same batcher as
+`/predict`); the worker process of a streamed upload and the CLI's local mode pass `direct_infer`, the
+model's own session called in a thread. The inputs of each chunk go through the model's input validator
+first (the rules of `/predict`, rows named from the start of the set), so ``infer`` gets arrays of the
+graph's dtypes and shapes. Only the counts of `app.scoring` outlive a chunk, and at most
+``max_inflight_chunks`` chunks are held at once (one being parsed while the previous one is in the
+model), so memory does not grow with the number of rows.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from app.errors import InvalidInput
-from app.evaluate.readers.common import Chunk, EvaluationOptions, RowCount, Schema, SchemaSource, rows_of
+from app.errors import InferenceFailed, InvalidInput
+from app.evaluate.readers.common import Chunk, EvaluationOptions, Schema, SchemaSource
 from app.model_card import LABEL_INDEX_OUTPUT, PROBABILITIES_OUTPUT, REGRESSION_OUTPUT, ModelCard
 from app.scoring import ClassificationAccumulator, RegressionAccumulator, default_top_k
 from app.validation import Places, RowPlaces
@@ -29,7 +30,6 @@ from app.validation import Places, RowPlaces
 Tensors = dict[str, npt.NDArray[Any]]
 InferFn = Callable[[Tensors], Awaitable[Tensors]]
 ProgressFn = Callable[[int], None]
-PauseFn = Callable[[], Awaitable[None]]
 
 
 class EvaluatedModel(SchemaSource, Protocol):
@@ -55,6 +55,24 @@ class EvaluatedModel(SchemaSource, Protocol):
     ) -> dict[str, npt.NDArray[Any]]:
         """Check and convert a chunk's inputs (see `LoadedModel.validate_inputs`)."""
         ...
+
+
+def direct_infer(run: Callable[[Tensors], Mapping[str, npt.NDArray[Any]]]) -> InferFn:
+    """An ``infer`` that calls ``run`` (a model's own onnxruntime call, e.g. `LoadedModel.run`) in a thread:
+    onnxruntime releases the GIL, so the next chunk is parsed meanwhile. A failure is `InferenceFailed`,
+    as the batcher reports it."""
+
+    async def infer(inputs: Tensors) -> Tensors:
+        try:
+            outputs = await asyncio.to_thread(run, inputs)
+        except Exception as err:
+            rows = next(iter(inputs.values())).shape[0]
+            raise InferenceFailed(
+                f"inference failed on a batch of {rows} rows: {type(err).__name__}"
+            ) from err
+        return dict(outputs)
+
+    return infer
 
 
 # Card metric names → the report's, for the "difference" block. A classifier's recorded loss is the test
@@ -130,11 +148,10 @@ class Evaluation:
         options: EvaluationOptions,
         infer: InferFn,
         *,
-        piece_rows: RowCount = 64,
+        piece_rows: int = 64,
         max_inflight_chunks: int = 2,
-        max_inflight_pieces: RowCount | None = None,
+        max_inflight_pieces: int | None = None,
         progress: ProgressFn | None = None,
-        pause: PauseFn | None = None,
     ) -> None:
         """Prepare the accumulators for ``model``.
 
@@ -143,18 +160,13 @@ class Evaluation:
             options: zero_division, top_k, pos_label.
             infer: runs the model on a dict of validated input arrays and returns its outputs for those
                 rows.
-            piece_rows: rows per ``infer`` call (at most the batcher's batch size, so a long evaluation
-                never occupies the model for longer than one batch while `/predict` waits); a number or
-                a function asked for each chunk.
+            piece_rows: rows per ``infer`` call (through the batcher: at most its batch size, so the
+                evaluation never occupies the model for longer than one batch while `/predict` waits).
             max_inflight_chunks: chunks read ahead while earlier ones are in the model.
             max_inflight_pieces: ``infer`` calls awaited at once (None: every piece of the chunks in
-                flight); a number or a function asked before each call. Two keep the model busy (one
-                runs while the next waits) while the batcher never holds more than one piece to merge,
-                so a batch of evaluation rows, which an interactive request may have to wait for, stays
-                at ``piece_rows``; one leaves the model idle between pieces, for interactive requests.
+                flight). Through the batcher two keep the model busy (one runs while the next waits) and
+                keep the evaluation's share of the queue at two pieces.
             progress: called with the number of rows scored after each chunk.
-            pause: awaited before each chunk is read: lets the caller hold the evaluation back while
-                interactive requests are served (part of parsing runs on the event loop).
         """
         self.model = model
         self.schema = Schema.of(model)
@@ -163,7 +175,6 @@ class Evaluation:
         self.piece_rows = piece_rows
         self.max_inflight_chunks = max(1, max_inflight_chunks)
         self.progress = progress
-        self.pause = pause
         self.max_inflight_pieces = max_inflight_pieces
         self._pieces_in_flight = 0
         self._piece_done = asyncio.Condition()
@@ -182,7 +193,7 @@ class Evaluation:
             self.accumulator = RegressionAccumulator()
 
     async def _infer_chunk(self, chunk: Chunk) -> Tensors:
-        rows, step = chunk.rows, rows_of(self.piece_rows)
+        rows, step = chunk.rows, max(1, self.piece_rows)
         pieces = [
             {name: array[start : start + step] for name, array in chunk.inputs.items()}
             for start in range(0, rows, step)
@@ -210,7 +221,7 @@ class Evaluation:
         if limit is None:
             return await self.infer(piece)
         async with self._piece_done:
-            await self._piece_done.wait_for(lambda: self._pieces_in_flight < rows_of(limit))
+            await self._piece_done.wait_for(lambda: self._pieces_in_flight < limit)
             self._pieces_in_flight += 1
         try:
             return await self.infer(piece)
@@ -232,8 +243,6 @@ class Evaluation:
         iterator = aiter(chunks)
         try:
             while True:
-                if self.pause is not None:
-                    await self.pause()
                 try:
                     chunk = await anext(iterator)
                 except StopAsyncIteration:
@@ -288,11 +297,10 @@ async def evaluate(
     infer: InferFn,
     options: EvaluationOptions,
     *,
-    piece_rows: RowCount = 64,
+    piece_rows: int = 64,
     max_inflight_chunks: int = 2,
-    max_inflight_pieces: RowCount | None = None,
+    max_inflight_pieces: int | None = None,
     progress: ProgressFn | None = None,
-    pause: PauseFn | None = None,
 ) -> dict[str, Any]:
     """Score ``chunks`` with ``infer`` and return the report (see `Evaluation`)."""
     run = Evaluation(
@@ -303,7 +311,6 @@ async def evaluate(
         max_inflight_chunks=max_inflight_chunks,
         max_inflight_pieces=max_inflight_pieces,
         progress=progress,
-        pause=pause,
     )
     await run.consume(chunks)
     return run.report()

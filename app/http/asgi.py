@@ -14,6 +14,10 @@ Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 JSON_HEADER = (b"content-type", b"application/json")
+NDJSON_TYPES = frozenset(
+    {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
+)
+"""Media types of newline-delimited JSON (one JSON value per line)."""
 
 
 class ClientDisconnected(Exception):

@@ -102,7 +102,7 @@ class HotRoute:
     endpoint: str
     """The `endpoint` label of its request metrics."""
     interactive: bool = True
-    """Counted in `DataPlane.interactive_requests` while being answered (bulk work yields to those)."""
+    """Its requests queue for the model and may set a deadline (`X-Request-Timeout`); bulk work does not."""
     drain_after_error_bytes: int = 0
     """After an error, read and drop up to this much of a body left unread, so that a client still sending
     gets the answer instead of a reset connection."""
@@ -256,8 +256,6 @@ class Front:
         route, metrics = served.route, served.metrics
         request = HotRequest(scope, receive, path_params, self._dataplane)
         metrics.in_flight.inc()
-        if route.interactive:
-            self._dataplane.interactive_requests += 1
         try:
             if request_timeout is not None and route.interactive:
                 request.deadline_seconds = parse_request_timeout(request_timeout)
@@ -279,8 +277,6 @@ class Front:
                     return CLIENT_GONE
         finally:
             metrics.in_flight.dec()
-            if route.interactive:
-                self._dataplane.interactive_requests -= 1
         if request_id is not None:
             headers.append((b"x-request-id", request_id))
         await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -10,8 +10,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from app.errors import UnsupportedMediaType
-from app.evaluate.routes import NDJSON_TYPES
-from app.http.asgi import is_json, media_type
+from app.http.asgi import NDJSON_TYPES, is_json, media_type
 from app.http.errors import ErrorResponse
 from app.http.front import Answer, Front, HotRequest, HotRoute
 from app.http.openapi import ERROR_HEADERS, JSON_TYPE, MODEL_NAME_SCHEMA, Operation

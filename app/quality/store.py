@@ -14,7 +14,10 @@ own low-priority thread so that the event loop never waits on the disk or on ano
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,9 +27,12 @@ from typing import Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from app.threads import lower_thread_priority
+logger = logging.getLogger(__name__)
 
 FILENAME: Final = "feedback.sqlite3"
+THREAD_NICE_INCREMENT: Final = 10
+"""How much nicer the store's thread is than the rest of the process (Linux threads have their own nice
+value: on a busy machine the scheduler runs the event loop and inference threads first)."""
 COUNTS_DTYPE: Final = np.dtype("<i4")
 """A drift segment's bin counts as stored: little-endian int32 (a segment holds a tenth of the window)."""
 BUSY_TIMEOUT_MS: Final = 30_000
@@ -116,7 +122,7 @@ class _SharedState:
         self.path = state_dir / FILENAME
         self._connection: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=thread_name, initializer=lower_thread_priority
+            max_workers=1, thread_name_prefix=thread_name, initializer=_lower_thread_priority
         )
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -333,3 +339,16 @@ class _transaction:
 
     def __exit__(self, kind: object, *_: object) -> None:
         self._connection.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _lower_thread_priority() -> None:
+    """Make the calling thread `THREAD_NICE_INCREMENT` nicer (a no-op where threads have no nice value)."""
+    if not hasattr(os, "setpriority"):
+        return
+    thread_id = threading.get_native_id()
+    try:
+        os.setpriority(
+            os.PRIO_PROCESS, thread_id, os.getpriority(os.PRIO_PROCESS, thread_id) + THREAD_NICE_INCREMENT
+        )
+    except OSError as err:  # not permitted here: run at normal priority
+        logger.debug("cannot lower the priority of the state thread", extra={"error": str(err)})

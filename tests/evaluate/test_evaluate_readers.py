@@ -284,26 +284,6 @@ def test_npz_spool_that_does_not_fit_is_413(monkeypatch: pytest.MonkeyPatch) -> 
         collect(npz_chunks(_stream(npz_body(inputs=X, labels=Y_INDEX)), CLF), CLF)
 
 
-@pytest.mark.parametrize("label_first", [False, True])
-def test_csv_numbers_parsed_off_the_loop_equal_loadtxt(label_first: bool) -> None:
-    from app.evaluate.readers.csv_reader import _csv_parse, _csv_parse_off_loop, _CsvLayout
-
-    rng = np.random.default_rng(3)
-    values = (rng.normal(size=(300, 3)) * 10.0 ** rng.integers(-6, 6, size=(300, 3))).tolist()
-    formats = [repr, lambda v: f"{v:.3g}", lambda v: f" {v:.9e} ", lambda v: str(int(v))]
-    lines = []
-    for i, row in enumerate(values):
-        fields = [formats[(i + j) % 4](v) for j, v in enumerate(row)]
-        lines.append(",".join(["dog", *fields] if label_first else [*fields, "dog"]).encode())
-    names = ["label", "a", "b", "c"] if label_first else ["a", "b", "c", "label"]
-    layout = _CsvLayout(names, names.index("label"), [i for i in range(4) if names[i] != "label"])
-    fast, labels = asyncio.run(_csv_parse_off_loop(lines, layout, 1))
-    slow, slow_labels = _csv_parse(lines, layout, 1)
-    assert fast.dtype == np.float64
-    assert fast.tobytes() == slow.tobytes()
-    assert labels == slow_labels == ["dog"] * 300
-
-
 @pytest.mark.parametrize(
     ("body", "pattern"),
     [

@@ -385,44 +385,6 @@ def test_the_queue_timeout_caps_a_longer_client_deadline() -> None:
     run(body)
 
 
-def test_background_rows_yield_to_waiting_foreground_rows() -> None:
-    async def body(model: Model) -> None:
-        batcher = make(model, max_delay_seconds=0.0)
-        model.hold()
-        first = await submit(batcher, rows(1))
-        await model.wait_started()
-        evaluation = await submit(batcher, rows(3, 500), background=True)
-        predict = await submit(batcher, rows(2, 700))
-        await queued(batcher, 5)
-        model.release()
-        await asyncio.wait_for(asyncio.gather(first, evaluation, predict), WAIT)
-        # The foreground request queued after the background one still runs first.
-        assert (model.batches[1] == 700).any()
-        assert not (model.batches[1] == 500).any()
-        assert (model.batches[2] == 500).any()
-        await batcher.stop()
-
-    run(body)
-
-
-def test_background_waits_for_queue_space_instead_of_failing() -> None:
-    async def body(model: Model) -> None:
-        batcher = make(model, max_queue_rows=2, max_delay_seconds=0.0)
-        model.hold()
-        first = await submit(batcher, rows(1))
-        await model.wait_started()
-        a = await submit(batcher, rows(2, 10), background=True)
-        b = await submit(batcher, rows(2, 20), background=True)  # does not fit: waits, no error
-        await queued(batcher, 2)
-        assert not b.done()
-        model.release()
-        results = await asyncio.wait_for(asyncio.gather(first, a, b), WAIT)
-        np.testing.assert_array_equal(results[2]["y"], rows(2, 20)["x"] * 2)
-        await batcher.stop()
-
-    run(body)
-
-
 def test_stop_answers_waiting_requests_with_not_ready() -> None:
     async def body(model: Model) -> None:
         batcher = make(model)
@@ -438,47 +400,5 @@ def test_stop_answers_waiting_requests_with_not_ready() -> None:
         assert all(isinstance(o, NotReady) for o in outcomes)
         with pytest.raises(NotReady):
             await batcher.submit(rows(1), 1)
-
-    run(body)
-
-
-def test_batches_of_background_rows_only_run_in_the_background_executor() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    async def body(model: Model) -> None:
-        threads: list[str] = []
-
-        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            threads.append(threading.current_thread().name)
-            return model(inputs)
-
-        with (
-            ThreadPoolExecutor(1, thread_name_prefix="fg") as fg,
-            ThreadPoolExecutor(1, thread_name_prefix="bg") as bg,
-        ):
-            batcher = Batcher(
-                run,
-                max_batch_rows=4,
-                max_delay_seconds=0.0,
-                max_queue_rows=100,
-                collate=stack,
-                signature=row_width,
-                executor=fg,
-                background_executor=bg,
-            )
-            batcher.start()
-            await batcher.submit(rows(1), 1)
-            await batcher.submit(rows(2, 10), 2, background=True)
-            model.hold()
-            first = await submit(batcher, rows(1, 20))
-            await model.wait_started()
-            mixed = [await submit(batcher, rows(1, 30)), await submit(batcher, rows(1, 40), background=True)]
-            await queued(batcher, 2)
-            model.release()
-            await asyncio.wait_for(asyncio.gather(first, *mixed), WAIT)
-            await batcher.stop()
-        # foreground, background alone, foreground, foreground with background rows riding along
-        assert [name.split("_")[0] for name in threads] == ["fg", "bg", "fg", "fg"]
-        assert model.sizes == [1, 2, 1, 2]
 
     run(body)

@@ -1,14 +1,12 @@
 """The ASGI front (`app/http/front.py`): request ids, FastAPI's routing answers for the hot paths, the
-request metrics of every instrumented endpoint, the interactive-request count, and client disconnects."""
+request metrics of every instrumented endpoint, and client disconnects."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
 
@@ -77,43 +75,6 @@ def test_v2_statistics_count_the_requests_of_every_endpoint(client: TestClient) 
     assert success() - before == 2
 
 
-def _in_flight(app: Any, endpoint: str) -> float:
-    text = app.state.metrics.exposition().decode()
-    return _sample(text, "modelserve_inflight_requests", f'endpoint="{endpoint}"')
-
-
-async def _slow_body(first: bytes, rest: bytes, go_on: asyncio.Event) -> AsyncIterator[bytes]:
-    yield first
-    await go_on.wait()
-    yield rest
-
-
-def test_interactive_requests_are_counted_while_answered(settings: Settings) -> None:
-    app = create_app(settings)
-
-    async def scenario() -> None:
-        async with LifespanManager(app):
-            dataplane = app.state.dataplane
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://front") as http:
-                for path, first, rest, interactive in (
-                    ("/predict", b'{"model": "reg", ', b'"inputs": [[1, 2, 3]]}', 1),
-                    ("/evaluate", b'{"model": "reg", ', b'"inputs": [[1, 2, 3]], "labels": [1.0]}', 0),
-                ):
-                    go_on = asyncio.Event()
-                    sent = asyncio.create_task(http.post(path, content=_slow_body(first, rest, go_on)))
-                    async with asyncio.timeout(5):
-                        while _in_flight(app, path) == 0:  # noqa: ASYNC110 (polls the app's own state)
-                            await asyncio.sleep(0.01)
-                    assert dataplane.interactive_requests == interactive, path
-                    go_on.set()
-                    answer = await sent
-                    assert answer.status_code == 200, answer.text
-                    assert dataplane.interactive_requests == 0
-
-    asyncio.run(scenario())
-
-
 def test_a_client_gone_mid_body_gets_nothing_and_is_not_counted(settings: Settings) -> None:
     app = create_app(settings)
 
@@ -141,7 +102,6 @@ def test_a_client_gone_mid_body_gets_nothing_and_is_not_counted(settings: Settin
             }
             await app(scope, receive, send)
             assert sent == []
-            assert app.state.dataplane.interactive_requests == 0
             text = app.state.metrics.exposition().decode()
             assert 'modelserve_request_duration_seconds_count{endpoint="/predict"' not in text
             assert "modelserve_request_failures_total{" not in text

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,9 +18,6 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 """Longest NDJSON / CSV line accepted (413 beyond it)."""
 
 ByteStream = AsyncIterator[bytes]
-RowCount = int | Callable[[], int]
-"""Rows per chunk: a number, or a function asked before each chunk (the route shrinks chunks while
-interactive requests are being served)."""
 
 
 @dataclass(frozen=True)
@@ -125,11 +122,6 @@ class EvaluationOptions:
         if pos_label is not None and (isinstance(pos_label, bool) or not isinstance(pos_label, str | int)):
             raise InvalidInput(f"pos_label must be a class name or a class index, got {pos_label!r}")
         return cls(zero_division=parse_zero_division(zero_division), top_k=k, pos_label=pos_label)
-
-
-def rows_of(count: RowCount) -> int:
-    """The current value of a `RowCount` (at least 1)."""
-    return max(1, count() if callable(count) else count)
 
 
 def check_lengths(n_inputs: int, n_labels: int, what: str) -> None:

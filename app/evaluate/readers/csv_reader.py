@@ -8,7 +8,6 @@ a sequence model's ragged rows (400). The header row and blank lines are not row
 
 from __future__ import annotations
 
-import asyncio
 import csv
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -22,19 +21,14 @@ from app.evaluate.readers.common import (
     DEFAULT_CHUNK_ROWS,
     ByteStream,
     Chunk,
-    RowCount,
     Schema,
     line_batches,
-    rows_of,
     text_of,
 )
 from app.evaluate.readers.targets import TargetEncoder
-from app.threads import BulkExecutor
 from app.validation import reads_as_number
 
 DEFAULT_LABEL_COLUMN = "label"
-PARSE_THREADS = BulkExecutor(max_workers=2, name="evaluate-parse")
-"""Where CSV numbers are parsed: low-priority threads (numpy's text parser runs there without the GIL)."""
 
 
 @dataclass
@@ -65,7 +59,7 @@ async def csv_chunks(
     stream: ByteStream,
     schema: Schema,
     label_column: str | None = None,
-    chunk_rows: RowCount = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> AsyncIterator[Chunk]:
     """Chunks of a CSV upload: a header row, feature columns in order, and a label column."""
     if schema.pads_sequences:
@@ -84,12 +78,11 @@ async def csv_chunks(
     layout: _CsvLayout | None = None
     pending: list[bytes] = []
     rows = 0
-    limit = rows_of(chunk_rows)
 
-    async def convert(lines: list[bytes]) -> Chunk:
+    def convert(lines: list[bytes]) -> Chunk:
         assert layout is not None
         first = rows - len(lines) + 1
-        features, labels = await _csv_parse_off_loop(lines, layout, first)
+        features, labels = _csv_parse(lines, layout, first)
         return Chunk({spec.name: features}, encoder.encode_text(labels, first), first)
 
     async for lines in line_batches(stream):
@@ -104,75 +97,15 @@ async def csv_chunks(
                 continue
             pending.append(line)
             rows += 1
-            if len(pending) >= limit:
-                yield await convert(pending)
+            if len(pending) >= chunk_rows:
+                yield convert(pending)
                 pending = []
-                limit = rows_of(chunk_rows)
     if layout is None:
         raise InvalidInput("the CSV is empty: no header row and no rows")
     if pending:
-        yield await convert(pending)
+        yield convert(pending)
     if rows == 0:
         raise InvalidInput("the evaluation set is empty: the CSV has a header but no rows")
-
-
-async def _csv_parse_off_loop(
-    lines: list[bytes], layout: _CsvLayout, first_row: int
-) -> tuple[npt.NDArray[Any], list[str]]:
-    """`_csv_parse`, with the numbers parsed by numpy's text parser, which releases the GIL, in a
-    low-priority thread (`PARSE_THREADS`).
-
-    The event loop (which also answers `/predict`) keeps only the cheap per-line work: checking the
-    column counts, cutting off the label, joining the feature text. A chunk that the fast path does not
-    cover (quoted fields, the label column in the middle, anything that is not a number) is parsed by
-    `_csv_parse`, which locates the bad value.
-    """
-    split = _csv_split(lines, layout, first_row)
-    if split is not None:
-        text, labels = split
-        loop = asyncio.get_running_loop()
-        features = await loop.run_in_executor(
-            PARSE_THREADS.get(), _parse_numbers, text, len(lines), len(layout.feature_columns)
-        )
-        if features is not None:
-            return features, labels
-    return _csv_parse(lines, layout, first_row)
-
-
-def _csv_split(lines: list[bytes], layout: _CsvLayout, first_row: int) -> tuple[bytes, list[str]] | None:
-    """Unquoted lines with the label first or last → (the feature fields joined by commas, the labels)."""
-    n_columns = len(layout.names)
-    expected = n_columns - 1
-    for i, line in enumerate(lines):
-        if line.count(b",") != expected:
-            if b'"' in line:
-                return None
-            raise _column_count(first_row + i, line.count(b",") + 1, n_columns)
-    if any(b'"' in line for line in lines):
-        return None
-    if layout.label_index == n_columns - 1:
-        parts = [line.rpartition(b",") for line in lines]
-        return b",".join([part[0] for part in parts]), [_label_text(part[2]) for part in parts]
-    if layout.label_index == 0:
-        parts = [line.partition(b",") for line in lines]
-        return b",".join([part[2] for part in parts]), [_label_text(part[0]) for part in parts]
-    return None
-
-
-def _label_text(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace").strip()
-
-
-def _parse_numbers(text: bytes, rows: int, columns: int) -> npt.NDArray[np.float64] | None:
-    """Comma-separated numbers → [rows, columns] float64 (as `np.loadtxt` reads them), or None when the
-    text holds anything but exactly that many numbers. Runs without the GIL."""
-    try:
-        values = np.fromstring(text, dtype=np.float64, sep=",")
-    except ValueError:
-        return None
-    if values.size != rows * columns:
-        return None
-    return values.reshape(rows, columns)
 
 
 def _csv_parse(lines: list[bytes], layout: _CsvLayout, first_row: int) -> tuple[npt.NDArray[Any], list[str]]:

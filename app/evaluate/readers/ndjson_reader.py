@@ -15,17 +15,15 @@ from app.evaluate.readers.common import (
     DEFAULT_CHUNK_ROWS,
     ByteStream,
     Chunk,
-    RowCount,
     Schema,
     line_batches,
-    rows_of,
 )
 from app.evaluate.readers.inputs import InputColumns
 from app.evaluate.readers.targets import TargetEncoder
 
 
 async def ndjson_chunks(
-    stream: ByteStream, schema: Schema, chunk_rows: RowCount = DEFAULT_CHUNK_ROWS
+    stream: ByteStream, schema: Schema, chunk_rows: int = DEFAULT_CHUNK_ROWS
 ) -> AsyncIterator[Chunk]:
     """Chunks of an NDJSON upload: one ``{"input": ..., "label": ...}`` per line."""
     input_columns, encoder = InputColumns(schema), TargetEncoder(schema)
@@ -34,7 +32,6 @@ async def ndjson_chunks(
     row = 0
     line_no = 0
     first_row = 1
-    limit = rows_of(chunk_rows)
     async for lines in line_batches(stream):
         for line in lines:
             line_no += 1
@@ -51,7 +48,7 @@ async def ndjson_chunks(
                 )
             items.append(obj["input"])
             labels.append(obj["label"])
-            if len(items) >= limit:
+            if len(items) >= chunk_rows:
                 yield Chunk(
                     input_columns.from_rows(items, first_row),
                     encoder.encode_values(labels, first_row),
@@ -59,7 +56,6 @@ async def ndjson_chunks(
                 )
                 first_row = row + 1
                 items, labels = [], []
-                limit = rows_of(chunk_rows)
     if items:
         yield Chunk(
             input_columns.from_rows(items, first_row), encoder.encode_values(labels, first_row), first_row

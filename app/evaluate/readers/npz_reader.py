@@ -23,10 +23,8 @@ from app.evaluate.readers.common import (
     DEFAULT_CHUNK_ROWS,
     ByteStream,
     Chunk,
-    RowCount,
     Schema,
     check_lengths,
-    rows_of,
 )
 from app.evaluate.readers.inputs import sequence_inputs
 from app.evaluate.readers.targets import TargetEncoder
@@ -101,7 +99,7 @@ class _NpyRows:
 async def npz_chunks(
     stream: ByteStream,
     schema: Schema,
-    chunk_rows: RowCount = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
     max_bytes: int | None = None,
     spool_memory_bytes: int = SPOOL_MEMORY_BYTES,
 ) -> AsyncIterator[Chunk]:
@@ -135,7 +133,7 @@ async def npz_chunks(
                 yield chunk
 
 
-def _npz_read(archive: zipfile.ZipFile, schema: Schema, chunk_rows: RowCount) -> Iterator[Chunk]:
+def _npz_read(archive: zipfile.ZipFile, schema: Schema, chunk_rows: int) -> Iterator[Chunk]:
     members = {name.removesuffix(".npy"): name for name in archive.namelist()}
     arrays = ", ".join(sorted(members)) or "none"
     if "labels" not in members:
@@ -161,7 +159,7 @@ def _npz_read(archive: zipfile.ZipFile, schema: Schema, chunk_rows: RowCount) ->
         encoder = TargetEncoder(schema)
         start = 0
         while start < labels.rows:
-            count = min(rows_of(chunk_rows), labels.rows - start)
+            count = min(chunk_rows, labels.rows - start)
             inputs = {name: reader.read(count) for name, reader in readers.items()}
             yield Chunk(inputs, encoder.encode_array(labels.read(count), start + 1), start + 1)
             start += count
@@ -171,7 +169,7 @@ def _npz_read(archive: zipfile.ZipFile, schema: Schema, chunk_rows: RowCount) ->
 
 
 def _npz_sequences(
-    archive: zipfile.ZipFile, members: Mapping[str, str], schema: Schema, chunk_rows: RowCount
+    archive: zipfile.ZipFile, members: Mapping[str, str], schema: Schema, chunk_rows: int
 ) -> Iterator[Chunk]:
     """A sequence model's NPZ: ``inputs`` (or ``sequence``) [N, steps, channels] right-padded ([N, steps]
     for a one-channel model), with ``lengths`` [N] (real steps per row) or ``mask`` [N, steps] (true on
@@ -210,7 +208,7 @@ def _npz_sequences(
         encoder = TargetEncoder(schema)
         start = 0
         while start < labels.rows:
-            count = min(rows_of(chunk_rows), labels.rows - start)
+            count = min(chunk_rows, labels.rows - start)
             first = start + 1
             sequence = sequences.read(count)
             if sequence.ndim == 2:
