@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from app import validation
+from app.errors import InvalidInput
 from app.main import create_app
 from app.model_card import TensorSpec
 from app.settings import Settings
@@ -531,6 +532,20 @@ def test_each_input_s_values_are_checked_once(
     every = {dtype.name for _, dtype in DTYPES.values()}
     # JSON integers beyond int64 (UINT64) are read exactly by the codec, without the float detour
     assert set(checked) == (every if binary else every - {"uint64"})
+
+
+def test_values_checked_skips_only_arrays_of_the_graph_dtype(repository: Path) -> None:
+    """An input listed as checked but of another dtype is still converted and checked by the rules."""
+    with TestClient(create_app(Settings(model_repository=repository, access_log=False))) as http:
+        model = http.app.state.dataplane.get_model("clf")  # type: ignore[attr-defined]
+        float32 = np.ones((2, 4), np.float32)
+        assert (
+            model.validate_inputs({"features": float32}, values_checked={"features"})["features"] is float32
+        )
+        with pytest.raises(InvalidInput, match=r"inputs\[1\]\[2\]: NaN or Inf is not a valid input"):
+            model.validate_inputs(
+                {"features": [[1, 2, 3, 4], [1, 2, np.nan, 4]]}, values_checked={"features"}
+            )
 
 
 def test_api_key_guards_the_v2_routes(model_repository: Path) -> None:
