@@ -536,8 +536,9 @@ def test_each_input_s_values_are_checked_once(
 
 def test_values_checked_skips_only_arrays_of_the_graph_dtype(repository: Path) -> None:
     """An input listed as checked but of another dtype is still converted and checked by the rules."""
-    with TestClient(create_app(Settings(model_repository=repository, access_log=False))) as http:
-        model = http.app.state.dataplane.get_model("clf")  # type: ignore[attr-defined]
+    app = create_app(Settings(model_repository=repository, access_log=False))
+    with TestClient(app):
+        model = app.state.dataplane.get_model("clf")
         float32 = np.ones((2, 4), np.float32)
         assert (
             model.validate_inputs({"features": float32}, values_checked={"features"})["features"] is float32
