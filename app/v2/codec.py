@@ -381,7 +381,10 @@ def _tensor_header(raw: Any) -> tuple[str, str, list[int], dict[str, Any]]:
     if not isinstance(datatype, str):
         raise InvalidInput(f"input {name!r}: 'datatype' must be a string such as FP32")
     to_dtype(datatype)
-    return name, datatype, shape, _object(raw.get("parameters"), f"input {name!r}: 'parameters'")
+    parameters = raw.get("parameters")
+    if parameters is None:
+        return name, datatype, shape, {}
+    return name, datatype, shape, _object(parameters, f"input {name!r}: 'parameters'")
 
 
 def _requested_outputs(raw: Any) -> tuple[RequestedOutput, ...]:

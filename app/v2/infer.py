@@ -8,9 +8,9 @@ Triton's classification extension, `Accept-Encoding`).
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -95,8 +95,10 @@ async def infer(request: HotRequest) -> Answer:
 
 def _deadline(request: HotRequest, decoded: InferenceRequest) -> float | None:
     """The sooner of the `X-Request-Timeout` header and the request's `parameters.timeout`."""
-    limits = [s for s in (request.deadline_seconds, decoded.timeout_seconds) if s is not None]
-    return min(limits) if limits else None
+    header, parameter = request.deadline_seconds, decoded.timeout_seconds
+    if header is None:
+        return parameter
+    return header if parameter is None else min(header, parameter)
 
 
 def _headers(request: HotRequest) -> tuple[bytes | None, bytes | None, bytes | None]:
@@ -120,7 +122,7 @@ def _header_length(value: bytes | None) -> int | None:
 
 def _check_datatypes(model: LoadedModel, request: InferenceRequest) -> None:
     """Refuse a datatype that differs from the graph's (as Triton does) instead of casting silently."""
-    graph_datatypes = _graph_datatypes(model)
+    graph_datatypes = _facts(model).datatypes
     for name, datatype in request.datatypes.items():
         expected = graph_datatypes.get(name)
         if expected is None:
@@ -131,20 +133,9 @@ def _check_datatypes(model: LoadedModel, request: InferenceRequest) -> None:
             )
 
 
-_GRAPH_DATATYPES: Final[weakref.WeakKeyDictionary[LoadedModel, dict[str, str]]] = weakref.WeakKeyDictionary()
-
-
-def _graph_datatypes(model: LoadedModel) -> dict[str, str]:
-    """The V2 datatype of each graph input, worked out once per model version (forgotten with it)."""
-    datatypes = _GRAPH_DATATYPES.get(model)
-    if datatypes is None:
-        datatypes = _GRAPH_DATATYPES[model] = {spec.name: to_datatype(spec.dtype) for spec in model.inputs}
-    return datatypes
-
-
 def _requested_outputs(model: LoadedModel, request: InferenceRequest) -> tuple[RequestedOutput, ...]:
     if not request.outputs:
-        return tuple(_every(name) for name in model.output_names)
+        return _facts(model).every_output
     for output in request.outputs:
         if output.name not in model.output_names:
             raise InvalidInput(
@@ -153,10 +144,28 @@ def _requested_outputs(model: LoadedModel, request: InferenceRequest) -> tuple[R
     return request.outputs
 
 
-@functools.cache
-def _every(output: str) -> RequestedOutput:
-    """An output a request that names none gets (made once per output name)."""
-    return RequestedOutput(output)
+@dataclass(frozen=True, slots=True)
+class _GraphFacts:
+    """What every request to one model version needs from its graph, worked out once."""
+
+    datatypes: dict[str, str]
+    """The V2 datatype of each graph input."""
+    every_output: tuple[RequestedOutput, ...]
+    """What a request that names no output gets: every output, as it is."""
+
+
+_FACTS: Final[weakref.WeakKeyDictionary[LoadedModel, _GraphFacts]] = weakref.WeakKeyDictionary()
+
+
+def _facts(model: LoadedModel) -> _GraphFacts:
+    """The model version's `_GraphFacts` (forgotten with the version)."""
+    facts = _FACTS.get(model)
+    if facts is None:
+        facts = _FACTS[model] = _GraphFacts(
+            datatypes={spec.name: to_datatype(spec.dtype) for spec in model.inputs},
+            every_output=tuple(RequestedOutput(name) for name in model.output_names),
+        )
+    return facts
 
 
 def _output(
