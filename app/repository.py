@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,7 +203,11 @@ class LoadedModel:
 
     # ------------------------------------------------------------------------------------------ validation
     def validate_inputs(
-        self, inputs: Mapping[str, Any], places: Places | None = None
+        self,
+        inputs: Mapping[str, Any],
+        places: Places | None = None,
+        *,
+        values_checked: Collection[str] = (),
     ) -> dict[str, np.ndarray]:
         """Check and convert input values to exactly what the graph takes (see `InputValidator.validate`).
 
@@ -211,12 +215,14 @@ class LoadedModel:
             inputs: one entry per graph input: nested lists or numpy arrays, batch axis first. An image input
                 also takes flattened pixels `[N, C*H*W]`.
             places: how error messages name inputs and values (default: as in a request, `inputs[3][1]`).
+            values_checked: inputs whose values were already checked where they were decoded (see
+                `InputValidator.validate`).
 
         Raises:
             InvalidInput: a missing or unknown input name, a value that is not valid for the input's dtype,
                 a wrong shape, no rows, rows that disagree between inputs; the message says where.
         """
-        return self.validator.validate(inputs, places)
+        return self.validator.validate(inputs, places, values_checked=values_checked)
 
     @property
     def sequence_channels(self) -> int:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -110,17 +111,35 @@ class InputValidator:
         self._specs = {spec.name: spec for spec in self.specs}
         self._dtypes = {spec.name: np.dtype(spec.dtype) for spec in self.specs}
         self._axis_names = axis_names or {}
+        self._name_set = frozenset(self.input_names)
         self.request_places = RequestPlaces(self.input_names)
         self.pads_sequences = {SEQUENCE_INPUT, MASK_INPUT} == set(self.input_names) and len(
             self._specs[SEQUENCE_INPUT].shape
         ) == 3
+        shared = Counter(
+            axis_name
+            for names in self._axis_names.values()
+            for axis, axis_name in enumerate(names)
+            if axis and axis_name is not None
+        )
+        # Only inputs that share a symbolic axis (or pad sequences) need the cross-input check.
+        self._checks_shared_axes = self.pads_sequences or any(count > 1 for count in shared.values())
 
-    def validate(self, inputs: Mapping[str, Any], places: Places | None = None) -> dict[str, np.ndarray]:
+    def validate(
+        self,
+        inputs: Mapping[str, Any],
+        places: Places | None = None,
+        *,
+        values_checked: Collection[str] = (),
+    ) -> dict[str, np.ndarray]:
         """Check and convert input values to exactly what the graph takes.
 
         Args:
             inputs: one entry per graph input: nested lists or numpy arrays, batch axis first.
             places: how messages name inputs and values (default: as in a request, `inputs[3][1]`).
+            values_checked: inputs whose values already passed `cast_values` to the graph's dtype where
+                they were decoded (V2 JSON tensors, whose messages name the tensor): only their shapes
+                are checked here.
 
         Returns:
             Contiguous arrays of the graph's dtypes and shapes, all with the same number of rows; an
@@ -131,23 +150,19 @@ class InputValidator:
                 rows, rows that disagree between inputs; the message says where.
         """
         places = places or self.request_places
-        unknown = sorted(set(inputs) - set(self._specs))
-        if unknown:
-            raise InvalidInput(
-                f"inputs: unknown input name(s) {unknown}; model {self.model_name!r} takes {self.input_names}"
-            )
-        missing = [name for name in self.input_names if name not in inputs]
-        if missing:
-            raise InvalidInput(
-                f"inputs: missing input(s) {missing}; model {self.model_name!r} takes {self.input_names}"
-            )
+        if inputs.keys() != self._name_set:
+            self._check_names(inputs)
         arrays: dict[str, np.ndarray] = {}
         rows: int | None = None
         for spec in self.specs:
             name = spec.name
             value = inputs[name]
-            array = _as_array(value, name, places)
-            array = cast_values(array, self._dtypes[name], functools.partial(places.value, name), value)
+            dtype = self._dtypes[name]
+            if name in values_checked and isinstance(value, np.ndarray) and value.dtype == dtype:
+                array = value
+            else:
+                array = _as_array(value, name, places)
+                array = cast_values(array, dtype, functools.partial(places.value, name), value)
             array = _fit_shape(array, spec, places.input(name))
             if array.shape[0] == 0:
                 raise InvalidInput(f"{places.input(name)}: empty; send at least one row")
@@ -158,8 +173,21 @@ class InputValidator:
                 )
             rows = array.shape[0]
             arrays[name] = np.ascontiguousarray(array)
-        self._check_shared_axes(arrays, places)
+        if self._checks_shared_axes:
+            self._check_shared_axes(arrays, places)
         return arrays
+
+    def _check_names(self, inputs: Mapping[str, Any]) -> None:
+        unknown = sorted(set(inputs) - set(self._specs))
+        if unknown:
+            raise InvalidInput(
+                f"inputs: unknown input name(s) {unknown}; model {self.model_name!r} takes {self.input_names}"
+            )
+        missing = [name for name in self.input_names if name not in inputs]
+        if missing:
+            raise InvalidInput(
+                f"inputs: missing input(s) {missing}; model {self.model_name!r} takes {self.input_names}"
+            )
 
     def _check_shared_axes(self, arrays: Mapping[str, np.ndarray], places: Places) -> None:
         seen: dict[str, tuple[str, int, int]] = {}
@@ -237,8 +265,11 @@ def cast_values(array: np.ndarray, dtype: np.dtype[Any], place: Place, source: A
                 f"is out of range for {dtype.name} ({info.min}..{info.max})",
             )
         return array.astype(dtype, copy=False)
-    with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype's range becomes inf: reported below
-        converted = array.astype(dtype, copy=False)
+    if array.dtype == dtype:
+        converted = array  # nothing to convert (a binary tensor, a second look): only NaN/Inf to refuse
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype's range becomes inf: below
+            converted = array.astype(dtype)
     finite = np.isfinite(converted)
     if not finite.all():
         index = _first(~finite)
@@ -370,7 +401,7 @@ def _not_rectangular(value: Any, name: str, places: Places) -> InvalidInput:
 def _fit_shape(array: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
     expected = spec.shape
     got = list(array.shape)
-    if len(got) == len(expected) and all(e in (-1, g) for e, g in zip(expected, got, strict=True)):
+    if len(got) == len(expected) and all(e == -1 or e == g for e, g in zip(expected, got, strict=True)):
         return array
     fixed = expected[1:]
     if len(expected) >= 3 and -1 not in fixed and len(got) == 2 and got[1] == math.prod(fixed):

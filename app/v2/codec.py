@@ -45,35 +45,40 @@ def element_count(shape: Sequence[int]) -> int:
 def decode_json_tensor(data: Any, datatype: str, shape: Sequence[int], *, name: str = "") -> np.ndarray:
     """Decode a JSON tensor's `data` (flat or nested, row-major) into an array of `shape`.
 
+    Numbers are checked here, by the core's rules (`cast_values`, as /predict and /evaluate check them),
+    so that a bad value is named as the tensor's (`input 'x' data[1][1]`); the result has the datatype's
+    dtype exactly.
+
     Raises:
         InvalidInput: unknown datatype, values of the wrong kind or out of range, or an element count
             that does not match the shape.
     """
     dtype = to_dtype(datatype)
     count = element_count(shape)
-    where = f"input {name!r}: " if name else ""
     if datatype == BYTES:
-        flat = _flatten_strings(data, where)
+        flat = _flatten_strings(data, _where(name))
         if len(flat) != count:
-            raise InvalidInput(f"{where}shape {list(shape)} needs {count} elements, got {len(flat)}")
+            raise InvalidInput(f"{_where(name)}shape {list(shape)} needs {count} elements, got {len(flat)}")
         array = np.empty(count, dtype=np.object_)
         array[:] = flat
         return array.reshape(shape)
     try:
         raw = np.asarray(data)
     except (ValueError, TypeError) as err:
-        raise InvalidInput(f"{where}'data' is not a rectangular array of numbers") from err
+        raise InvalidInput(f"{_where(name)}'data' is not a rectangular array of numbers") from err
     if raw.size != count:
-        raise InvalidInput(f"{where}shape {list(shape)} needs {count} elements, got {raw.size}")
+        raise InvalidInput(f"{_where(name)}shape {list(shape)} needs {count} elements, got {raw.size}")
     if dtype.kind in "iu" and raw.dtype.kind in "fO":
         # numpy widens a mix of large and small Python ints (uint64 range) to float64 or object.
         integers = _integers(data)
         if integers is not None:
             with contextlib.suppress(OverflowError):  # out of range: the core says which value
                 return np.array(integers, dtype=dtype).reshape(shape)
-    # the core's rules for values, and its words for a bad one (as /predict and /evaluate say them)
-    data_place = f"input {name!r} data" if name else "data"
-    return cast_values(raw, dtype, lambda index: data_place + index_text(index), data).reshape(shape)
+
+    def place(index: tuple[int, ...]) -> str:  # the core's words for a bad value, with the tensor's name
+        return (f"input {name!r} data" if name else "data") + index_text(index)
+
+    return cast_values(raw, dtype, place, data).reshape(shape)
 
 
 def encode_json_tensor(array: np.ndarray) -> Any:
@@ -100,8 +105,8 @@ def decode_binary_tensor(
     dtype = to_dtype(datatype)
     count = element_count(shape)
     size = len(buffer) - offset if size is None else size
-    where = f"input {name!r}: " if name else ""
     if datatype == BYTES:
+        where = _where(name)
         elements = decode_bytes_elements(memoryview(buffer)[offset : offset + size], where=where)
         if len(elements) != count:
             raise InvalidInput(f"{where}shape {list(shape)} needs {count} elements, got {len(elements)}")
@@ -109,7 +114,8 @@ def decode_binary_tensor(
     expected = count * dtype.itemsize
     if size != expected:
         raise InvalidInput(
-            f"{where}binary data is {size} bytes, but shape {list(shape)} of {datatype} needs {expected}"
+            f"{_where(name)}binary data is {size} bytes, but shape {list(shape)} of {datatype} needs "
+            f"{expected}"
         )
     return np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
 
@@ -180,6 +186,9 @@ class InferenceRequest:
     """Request parameters other than the protocol's own, passed through to the response."""
     timeout_seconds: float | None = None
     """`parameters.timeout` (microseconds in the protocol, as Triton's clients send it; 0 or absent: none)."""
+    values_checked: frozenset[str] = frozenset()
+    """Inputs sent as JSON `data`, whose values `decode_json_tensor` already checked (see
+    `InputValidator.validate`); binary tensors are raw bytes, checked by the validator."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +222,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
             f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
         )
     try:
-        header = orjson.loads(memoryview(body)[:header_length])
+        header = orjson.loads(body if whole_json else memoryview(body)[:header_length])
     except orjson.JSONDecodeError as err:
         hint = "; a body with binary tensors needs Inference-Header-Content-Length" if whole_json else ""
         raise InvalidInput(f"request body is not valid JSON: {err}{hint}") from err
@@ -229,6 +238,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
 
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
+    values_checked: list[str] = []
     offset = header_length
     for raw in raw_inputs:
         name, datatype, shape, tensor_parameters = _tensor_header(raw)
@@ -253,6 +263,8 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
             offset += binary_size
         elif "data" in raw:
             array = decode_json_tensor(raw["data"], datatype, shape, name=name)
+            if datatype != BYTES:
+                values_checked.append(name)
         elif "shared_memory_region" in tensor_parameters:
             raise InvalidInput(f"input {name!r}: shared memory is not supported; send the data in the body")
         else:
@@ -273,6 +285,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
         id=request_id,
         parameters={key: value for key, value in parameters.items() if key not in PROTOCOL_PARAMETERS},
         timeout_seconds=_timeout_seconds(parameters.get("timeout")),
+        values_checked=frozenset(values_checked),
     )
 
 
@@ -368,7 +381,10 @@ def _tensor_header(raw: Any) -> tuple[str, str, list[int], dict[str, Any]]:
     if not isinstance(datatype, str):
         raise InvalidInput(f"input {name!r}: 'datatype' must be a string such as FP32")
     to_dtype(datatype)
-    return name, datatype, shape, _object(raw.get("parameters"), f"input {name!r}: 'parameters'")
+    parameters = raw.get("parameters")
+    if parameters is None:
+        return name, datatype, shape, {}
+    return name, datatype, shape, _object(parameters, f"input {name!r}: 'parameters'")
 
 
 def _requested_outputs(raw: Any) -> tuple[RequestedOutput, ...]:
@@ -410,6 +426,11 @@ def _flag(raw: Any, what: str) -> bool:
     if not isinstance(raw, bool):
         raise InvalidInput(f"{what} must be true or false")
     return raw
+
+
+def _where(name: str) -> str:
+    """How a message about a tensor's data starts: `input 'x': ` (nothing for an unnamed tensor)."""
+    return f"input {name!r}: " if name else ""
 
 
 def _is_int(value: Any) -> bool:

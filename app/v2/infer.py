@@ -8,14 +8,15 @@ Triton's classification extension, `Accept-Encoding`).
 
 from __future__ import annotations
 
-import functools
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 
 from app.errors import InvalidInput
-from app.http.asgi import Headers, header
+from app.http.asgi import Headers
 from app.http.front import Answer, HotRequest
 from app.http.openapi import BINARY_SCHEMA, JSON_TYPE, REQUEST_TIMEOUT_HEADER, REQUEST_TIMEOUT_SCHEMA
 from app.model_card import PROBABILITIES_OUTPUT
@@ -40,6 +41,7 @@ HEADER_LENGTH: Final = b"inference-header-content-length"
 BINARY_TYPE: Final = "application/octet-stream"
 JSON_CONTENT: Final = JSON_TYPE.encode()
 BINARY_CONTENT: Final = BINARY_TYPE.encode()
+_READ_HEADERS: Final = frozenset({b"content-encoding", HEADER_LENGTH, b"accept-encoding"})
 
 
 @v2_route(
@@ -64,13 +66,17 @@ async def infer(request: HotRequest, ids: PredictionIds | None) -> Answer:
     dataplane = request.dataplane
     model = find_model(dataplane, request.path_params)
     request.model = model.name
+    content_encoding, header_length, accept_encoding = _headers(request)
     limit = dataplane.settings.max_body_bytes
     body = await request.body.read(limit)
-    body = compression.decompress(body, _header(request, b"content-encoding"), max_bytes=limit)
-    decoded = decode_request(body, _header_length(request))
+    if content_encoding is not None:
+        body = compression.decompress(body, content_encoding.decode("latin-1"), max_bytes=limit)
+    decoded = decode_request(body, _header_length(header_length))
     _check_datatypes(model, decoded)
     wanted = _requested_outputs(model, decoded)
-    results = await dataplane.infer(model, decoded.inputs, deadline_seconds=_deadline(request, decoded))
+    # One check of the values: JSON tensors were checked as they were decoded, binary ones are here.
+    arrays = model.validate_inputs(decoded.inputs, values_checked=decoded.values_checked)
+    results = await dataplane.run_validated(model, arrays, deadline_seconds=_deadline(request, decoded))
     parameters = dict(decoded.parameters)
     if ids is not None:
         parameters["prediction_ids"] = ids.issue(
@@ -87,7 +93,7 @@ async def infer(request: HotRequest, ids: PredictionIds | None) -> Answer:
     content = encoded.body
     if encoded.header_length is not None:
         headers.append((HEADER_LENGTH, b"%d" % encoded.header_length))
-    encoding = compression.negotiate(_header(request, b"accept-encoding"))
+    encoding = None if accept_encoding is None else compression.negotiate(accept_encoding.decode("latin-1"))
     if encoding is not None:
         content = compression.compress(content, encoding)
         headers.append((b"content-encoding", encoding.encode()))
@@ -97,19 +103,26 @@ async def infer(request: HotRequest, ids: PredictionIds | None) -> Answer:
 
 def _deadline(request: HotRequest, decoded: InferenceRequest) -> float | None:
     """The sooner of the `X-Request-Timeout` header and the request's `parameters.timeout`."""
-    limits = [s for s in (request.deadline_seconds, decoded.timeout_seconds) if s is not None]
-    return min(limits) if limits else None
+    header, parameter = request.deadline_seconds, decoded.timeout_seconds
+    if header is None:
+        return parameter
+    return header if parameter is None else min(header, parameter)
 
 
-def _header(request: HotRequest, name: bytes) -> str | None:
-    value = header(request.scope, name)
-    return None if value is None else value.decode("latin-1")
+def _headers(request: HotRequest) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """`Content-Encoding`, `Inference-Header-Content-Length` and `Accept-Encoding` (the first of each), in
+    one pass over the request's headers."""
+    found: dict[bytes, bytes] = {}
+    for key, value in request.scope["headers"]:
+        if key in _READ_HEADERS:
+            found.setdefault(key, value)
+    return found.get(b"content-encoding"), found.get(HEADER_LENGTH), found.get(b"accept-encoding")
 
 
-def _header_length(request: HotRequest) -> int | None:
-    raw = _header(request, HEADER_LENGTH)
-    if raw is None:
+def _header_length(value: bytes | None) -> int | None:
+    if value is None:
         return None
+    raw = value.decode("latin-1")
     if not raw.strip().isdigit():
         raise InvalidInput(f"Inference-Header-Content-Length must be a non-negative integer, got {raw!r}")
     return int(raw)
@@ -117,11 +130,11 @@ def _header_length(request: HotRequest) -> int | None:
 
 def _check_datatypes(model: LoadedModel, request: InferenceRequest) -> None:
     """Refuse a datatype that differs from the graph's (as Triton does) instead of casting silently."""
+    graph_datatypes = _facts(model).datatypes
     for name, datatype in request.datatypes.items():
-        spec = next((spec for spec in model.inputs if spec.name == name), None)
-        if spec is None:
+        expected = graph_datatypes.get(name)
+        if expected is None:
             raise InvalidInput(f"unknown input {name!r}; model {model.name!r} takes {model.input_names}")
-        expected = to_datatype(spec.dtype)
         if datatype != expected:
             raise InvalidInput(
                 f"input {name!r} has datatype {datatype}; model {model.name!r} expects {expected}"
@@ -130,7 +143,7 @@ def _check_datatypes(model: LoadedModel, request: InferenceRequest) -> None:
 
 def _requested_outputs(model: LoadedModel, request: InferenceRequest) -> tuple[RequestedOutput, ...]:
     if not request.outputs:
-        return tuple(_every(name) for name in model.output_names)
+        return _facts(model).every_output
     for output in request.outputs:
         if output.name not in model.output_names:
             raise InvalidInput(
@@ -139,10 +152,28 @@ def _requested_outputs(model: LoadedModel, request: InferenceRequest) -> tuple[R
     return request.outputs
 
 
-@functools.cache
-def _every(output: str) -> RequestedOutput:
-    """An output a request that names none gets (made once per output name)."""
-    return RequestedOutput(output)
+@dataclass(frozen=True, slots=True)
+class _GraphFacts:
+    """What every request to one model version needs from its graph, worked out once."""
+
+    datatypes: dict[str, str]
+    """The V2 datatype of each graph input."""
+    every_output: tuple[RequestedOutput, ...]
+    """What a request that names no output gets: every output, as it is."""
+
+
+_FACTS: Final[weakref.WeakKeyDictionary[LoadedModel, _GraphFacts]] = weakref.WeakKeyDictionary()
+
+
+def _facts(model: LoadedModel) -> _GraphFacts:
+    """The model version's `_GraphFacts` (forgotten with the version)."""
+    facts = _FACTS.get(model)
+    if facts is None:
+        facts = _FACTS[model] = _GraphFacts(
+            datatypes={spec.name: to_datatype(spec.dtype) for spec in model.inputs},
+            every_output=tuple(RequestedOutput(name) for name in model.output_names),
+        )
+    return facts
 
 
 def _output(

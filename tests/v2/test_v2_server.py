@@ -22,9 +22,12 @@ from fastapi.testclient import TestClient
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
+from app import validation
+from app.errors import InvalidInput
 from app.main import create_app
 from app.model_card import TensorSpec
 from app.settings import Settings
+from app.v2 import codec
 from tests.factories import (
     CLASSIFIER_LABELS,
     BuiltModel,
@@ -469,13 +472,13 @@ def test_binary_inputs_reach_the_core_as_views_over_the_body(repository: Path) -
     seen: dict[str, np.ndarray] = {}
     with TestClient(app) as http:
         dataplane = app.state.dataplane
-        original = dataplane.infer
+        original = dataplane.run_validated
 
         async def spy(model, inputs, **kwargs):  # type: ignore[no-untyped-def]
             seen.update(inputs)
             return await original(model, inputs, **kwargs)
 
-        dataplane.infer = spy
+        dataplane.run_validated = spy
         arrays = dtype_samples(rows=4, seed=6)
         body, header_length = triton.InferenceServerClient.generate_request_body(
             infer_inputs(arrays, binary=True)
@@ -500,6 +503,52 @@ def test_binary_inputs_reach_the_core_as_views_over_the_body(repository: Path) -
             model = dataplane.get_model("dtypes")
             assert np.shares_memory(model.validate_inputs(seen)[f"in_{datatype}"], got)  # the core keeps it
         assert len(bodies) == 1
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_each_input_s_values_are_checked_once(
+    repository: Path, monkeypatch: pytest.MonkeyPatch, binary: bool
+) -> None:
+    """JSON tensors are checked as they are decoded (so messages name the tensor), binary ones by the
+    validator: either way `cast_values`, the one place with the rules, runs once per input."""
+    calls: list[np.dtype] = []
+    cast_values = validation.cast_values
+
+    def counting(array, dtype, *args):  # type: ignore[no-untyped-def]
+        calls.append(dtype)
+        return cast_values(array, dtype, *args)
+
+    monkeypatch.setattr(codec, "cast_values", counting)
+    monkeypatch.setattr(validation, "cast_values", counting)
+    arrays = dtype_samples(rows=3, seed=7)
+    body, header_length = triton.InferenceServerClient.generate_request_body(
+        infer_inputs(arrays, binary=binary)
+    )
+    headers = {"Inference-Header-Content-Length": str(header_length)} if header_length else {}
+    with TestClient(create_app(Settings(model_repository=repository, access_log=False))) as http:
+        calls.clear()
+        response = http.post("/v2/models/dtypes/infer", content=body, headers=headers)
+    assert response.status_code == 200
+    checked = sorted(dtype.name for dtype in calls)
+    assert len(checked) == len(set(checked))  # no input twice
+    every = {dtype.name for _, dtype in DTYPES.values()}
+    # JSON integers beyond int64 (UINT64) are read exactly by the codec, without the float detour
+    assert set(checked) == (every if binary else every - {"uint64"})
+
+
+def test_values_checked_skips_only_arrays_of_the_graph_dtype(repository: Path) -> None:
+    """An input listed as checked but of another dtype is still converted and checked by the rules."""
+    app = create_app(Settings(model_repository=repository, access_log=False))
+    with TestClient(app):
+        model = app.state.dataplane.get_model("clf")
+        float32 = np.ones((2, 4), np.float32)
+        assert (
+            model.validate_inputs({"features": float32}, values_checked={"features"})["features"] is float32
+        )
+        with pytest.raises(InvalidInput, match=r"inputs\[1\]\[2\]: NaN or Inf is not a valid input"):
+            model.validate_inputs(
+                {"features": [[1, 2, 3, 4], [1, 2, np.nan, 4]]}, values_checked={"features"}
+            )
 
 
 def test_api_key_guards_the_v2_routes(model_repository: Path) -> None:
