@@ -19,11 +19,12 @@ import asyncio
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from app.batcher import Batcher, Tensors, split_rows
@@ -31,6 +32,7 @@ from app.errors import ModelNotFound, NotReady
 from app.model_card import CARD_FILENAME, ONNX_FILENAME, TensorSpec
 from app.observability import PrometheusMetrics
 from app.quality.drift import DriftMonitor, DriftReport
+from app.quality.ids import PREDICTION_IDS, PredictionIds, predictions_of
 from app.quality.store import DriftStore
 from app.repository import LoadedModel, ModelLoadError, ModelSource, load_model, scan_repository
 from app.session import resolve_providers
@@ -99,10 +101,17 @@ def _stamp(source: ModelSource) -> _Stamp:
 class DataPlane:
     """Every model version of the repository, its state, and the way to run it."""
 
-    def __init__(self, settings: Settings, metrics: PrometheusMetrics) -> None:
-        """Nothing loads here: `await start()` (the app's lifespan) scans and loads the repository."""
+    def __init__(
+        self, settings: Settings, metrics: PrometheusMetrics, prediction_ids: PredictionIds | None = None
+    ) -> None:
+        """Nothing loads here: `await start()` (the app's lifespan) scans and loads the repository.
+
+        `prediction_ids`: when given, every batch's outputs also carry one id per row under
+        `PREDICTION_IDS`, issued in the inference thread for the whole batch at once.
+        """
         self.settings = settings
         self.metrics = metrics
+        self._prediction_ids = prediction_ids
         self._entries: dict[str, dict[int, _Entry]] = {}
         self._providers: list[str] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -292,7 +301,7 @@ class DataPlane:
     def _batcher_for(self, model: LoadedModel) -> Batcher:
         settings = self.settings
         return Batcher(
-            model.run,
+            self._run_of(model),
             # A graph with a frozen batch axis takes exactly that many rows: each request then runs alone.
             max_batch_rows=settings.max_batch_rows if model.batchable else 1,
             max_delay_seconds=settings.max_batch_delay_seconds,
@@ -305,6 +314,20 @@ class DataPlane:
             metrics=self.metrics.for_model(model.name),
             name=model.name,
         )
+
+    def _run_of(self, model: LoadedModel) -> Callable[[Mapping[str, np.ndarray]], Tensors]:
+        """What runs a batch of `model`: its session, then the batch's prediction ids when they are on
+        (one call per batch, not one per request, off the event loop)."""
+        ids = self._prediction_ids
+        if ids is None:
+            return model.run
+
+        def run_and_issue(arrays: Mapping[str, np.ndarray]) -> Tensors:
+            outputs = model.run(arrays)
+            issued = ids.issue(model.name, model.version, predictions_of(model.task, outputs))
+            return {**outputs, PREDICTION_IDS: np.array(issued, dtype=object)}
+
+        return run_and_issue
 
     def _apply_policy(self, name: str) -> None:
         """Retire the ready versions of `name` that are not served: beyond the newest `served_versions`
@@ -512,5 +535,5 @@ class DataPlane:
     async def _run_alone(self, model: LoadedModel, arrays: Tensors, rows: int) -> Tensors:
         """The unbatched path (`batching` off): one onnxruntime call per request, still off the loop."""
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, model.run, arrays)
+        outputs = await loop.run_in_executor(self._executor, self._run_of(model), arrays)
         return split_rows(outputs, [rows])[0]

@@ -5,7 +5,6 @@ Other routers are included at the marked place, one line each.
 
 from __future__ import annotations
 
-import functools
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +22,7 @@ from app.http.front import Front, HotRoute
 from app.http.openapi import install_openapi
 from app.observability import PrometheusMetrics
 from app.quality import routes as quality_routes
-from app.quality.feedback import Feedback
+from app.quality.feedback import Feedback, signer
 from app.settings import Settings
 from app.v2 import routes as v2_routes
 
@@ -54,8 +53,9 @@ def create_app(settings: Settings | None = None) -> Front:
     """
     settings = settings or Settings()
     metrics = PrometheusMetrics(settings.prometheus_multiproc_dir)
-    dataplane = DataPlane(settings, metrics)
-    feedback = Feedback(settings, dataplane, metrics)
+    ids = signer(settings)
+    dataplane = DataPlane(settings, metrics, ids if settings.prediction_ids else None)
+    feedback = Feedback(settings, dataplane, metrics, ids)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> Front:
 
     front.add_route(
         "/predict",
-        HotRoute(functools.partial(predict, ids=feedback.issuer), PREDICT_ENDPOINT),
+        HotRoute(predict, PREDICT_ENDPOINT),
         method="POST",
         operation=PREDICT_OPERATION,
     )

@@ -24,7 +24,7 @@ from app.model_card import (
     REGRESSION_OUTPUT,
     SEQUENCE_INPUT,
 )
-from app.quality.ids import PredictionIds, predictions_of
+from app.quality.ids import PREDICTION_IDS
 from app.repository import LoadedModel
 
 ENDPOINT = "/predict"
@@ -137,9 +137,9 @@ def encode_predictions(model: LoadedModel, outputs: dict[str, np.ndarray], top_k
 
 
 # -------------------------------------------------------------------------------------------- handler
-async def predict(request: HotRequest, ids: PredictionIds | None) -> Answer:
+async def predict(request: HotRequest) -> Answer:
     """Decode the body, run its rows through the core, encode the predictions, each with its id (none when
-    `ids` is None: `prediction_ids` off)."""
+    `prediction_ids` is off)."""
     require_json(request.scope)
     dataplane = request.dataplane
     body = await request.body.read(dataplane.settings.max_body_bytes)
@@ -152,9 +152,9 @@ async def predict(request: HotRequest, ids: PredictionIds | None) -> Answer:
         model, decode_inputs(model, raw_inputs), deadline_seconds=request.deadline_seconds
     )
     predictions = encode_predictions(model, outputs, top_k)
-    if ids is not None:
-        row_ids = ids.issue(model.name, model.version, predictions_of(model.task, outputs))
-        for prediction, row_id in zip(predictions, row_ids, strict=True):
+    issued = outputs.get(PREDICTION_IDS)
+    if issued is not None:
+        for prediction, row_id in zip(predictions, issued.tolist(), strict=True):
             prediction["id"] = row_id
     answer = {"model": model.name, "version": model.version, "predictions": predictions}
     return Answer(orjson.dumps(answer))

@@ -157,15 +157,12 @@ class Feedback:
         settings: Settings,
         dataplane: DataPlane,
         metrics: PrometheusMetrics,
+        ids: PredictionIds,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """Sign with `feedback_secret` (unset: a secret of this process alone); keep state in `state_dir`."""
-        secret = settings.feedback_secret
-        self.ids = PredictionIds(
-            secret.get_secret_value().encode() if secret is not None else secrets.token_bytes(32), clock
-        )
-        self.issuer = self.ids if settings.prediction_ids else None
-        """What `/predict` and V2 infer issue ids with (None: `prediction_ids` off, answers carry none)."""
+        """Read ids with `ids` (see `signer`; `clock` gives Unix seconds for their age); keep state in
+        `state_dir`."""
+        self.ids = ids
         self.settings = settings
         self.dataplane = dataplane
         self.metrics = metrics
@@ -367,3 +364,11 @@ class Feedback:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.store.close()
+
+
+def signer(settings: Settings, clock: Callable[[], float] = time.time) -> PredictionIds:
+    """The prediction ids of an app: signed with `feedback_secret` (unset: a secret of this process alone)."""
+    secret = settings.feedback_secret
+    return PredictionIds(
+        secret.get_secret_value().encode() if secret is not None else secrets.token_bytes(32), clock
+    )

@@ -39,6 +39,8 @@ CLASS_INDEX: Final = 1
 VALUE: Final = 2
 MAC_BYTES: Final = 16
 """The shortest MAC (128 bits); one or two more bytes align the token to base64 groups."""
+PREDICTION_IDS: Final = "prediction_ids"
+"""The key under which a batch's outputs carry its ids (an object array, one per row) when ids are on."""
 MAX_ID_CHARS: Final = 200
 """Longer text is not an id (the longest, for a 64-character model name, is 148 characters)."""
 _BATCH_FIELDS: Final = struct.Struct("<QI")  # version, issued

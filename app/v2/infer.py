@@ -20,7 +20,7 @@ from app.http.asgi import Headers
 from app.http.front import Answer, HotRequest
 from app.http.openapi import BINARY_SCHEMA, JSON_TYPE, REQUEST_TIMEOUT_HEADER, REQUEST_TIMEOUT_SCHEMA
 from app.model_card import PROBABILITIES_OUTPUT
-from app.quality.ids import PredictionIds, predictions_of
+from app.quality.ids import PREDICTION_IDS
 from app.repository import LoadedModel
 from app.v2 import compression
 from app.v2.codec import (
@@ -59,10 +59,10 @@ _READ_HEADERS: Final = frozenset({b"content-encoding", HEADER_LENGTH, b"accept-e
     errors=(400, 404, 413, 415, 503, 504),
     headers={REQUEST_TIMEOUT_HEADER: REQUEST_TIMEOUT_SCHEMA},
 )
-async def infer(request: HotRequest, ids: PredictionIds | None) -> Answer:
+async def infer(request: HotRequest) -> Answer:
     """Decode (JSON or binary, maybe compressed), run through the shared core, encode as asked; the
-    response parameter `prediction_ids` lists one id per row (for `POST /feedback`; none when `ids` is
-    None: `prediction_ids` off)."""
+    response parameter `prediction_ids` lists one id per row (for `POST /feedback`; none when
+    `prediction_ids` is off)."""
     dataplane = request.dataplane
     model = find_model(dataplane, request.path_params)
     request.model = model.name
@@ -78,10 +78,9 @@ async def infer(request: HotRequest, ids: PredictionIds | None) -> Answer:
     arrays = model.validate_inputs(decoded.inputs, values_checked=decoded.values_checked)
     results = await dataplane.run_validated(model, arrays, deadline_seconds=_deadline(request, decoded))
     parameters = dict(decoded.parameters)
-    if ids is not None:
-        parameters["prediction_ids"] = ids.issue(
-            model.name, model.version, predictions_of(model.task, results)
-        )
+    issued = results.get(PREDICTION_IDS)
+    if issued is not None:
+        parameters["prediction_ids"] = issued.tolist()
     encoded = encode_response(
         model_name=model.name,
         model_version=str(model.version),

@@ -14,7 +14,6 @@ The core owns `/v2/health/live` and `/v2/health/ready`.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Iterator
 from dataclasses import replace
@@ -42,7 +41,7 @@ def install(front: Front) -> None:
     """Answer inference in `front` (a hot route), mount the other V2 routes on its FastAPI app (as plain
     Starlette endpoints), and document them all in OpenAPI."""
     numbers = itertools.count()
-    hot = HotRoute(functools.partial(infer.infer.handler, ids=front.state.feedback.issuer), infer.ENDPOINT)
+    hot = HotRoute(infer.infer.handler, infer.ENDPOINT)
     for path, operation in _numbered(infer.infer, numbers):
         front.add_route(path, hot, method=infer.infer.method, operation=operation)
     for route in ROUTES:
