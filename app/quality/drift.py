@@ -59,7 +59,7 @@ PSI_ALARM = 0.2
 """The usual alarm level: a PSI above it is a significant shift."""
 MIN_ROWS = 100
 """Rows the window needs before a PSI is reported or set as a gauge (fewer: mostly sampling noise)."""
-SAMPLED_ROWS_PER_SECOND = 4096
+SAMPLED_ROWS_PER_SECOND = 1024
 """Served rows binned per second at most: above it, each request is binned with the probability that keeps
 about this many (the PSI needs a sample, and binning then costs a bounded share of a core)."""
 FLUSH_ROWS = 1024
