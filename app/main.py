@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> Front:
         # What startup built (models, routes, FastAPI's machinery) lives as long as the app: it leaves the
         # collector's generations, so that a full collection under load scans only what requests left
         # (tens of milliseconds otherwise, stalling every request in flight).
-        gc.collect()
+        gc.collect(2)  # a full collection first, so that no garbage is frozen
         gc.freeze()
         try:
             yield
