@@ -18,13 +18,12 @@ from app.http.front import Answer, HotRequest
 from app.http.openapi import JSON_TYPE, REQUEST_TIMEOUT_HEADER, REQUEST_TIMEOUT_SCHEMA, Operation
 from app.http.params import parse_version
 from app.model_card import (
-    LABEL_INDEX_OUTPUT,
     MASK_INPUT,
     PROBABILITIES_OUTPUT,
     REGRESSION_OUTPUT,
     SEQUENCE_INPUT,
 )
-from app.quality.ids import PREDICTION_IDS
+from app.quality.ids import PREDICTION_IDS, predictions_of
 from app.repository import LoadedModel
 
 ENDPOINT = "/predict"
@@ -120,9 +119,7 @@ def encode_predictions(model: LoadedModel, outputs: dict[str, np.ndarray], top_k
         return [{"value": value} for value in values.tolist()]
     labels = model.labels or []
     probabilities = outputs[PROBABILITIES_OUTPUT]
-    indices = outputs.get(LABEL_INDEX_OUTPUT)
-    if indices is None:
-        indices = probabilities.argmax(axis=1)
+    indices = predictions_of(model.task, outputs)
     rows = probabilities.tolist()
     predictions: list[dict[str, Any]] = [
         {"label": labels[index], "index": index, "score": row[index]}

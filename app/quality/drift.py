@@ -40,15 +40,14 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from app.model_card import (
-    LABEL_INDEX_OUTPUT,
     MAX_SUMMARY_FEATURES,
-    PROBABILITIES_OUTPUT,
     ModelCard,
     TrainingSummary,
     bin_index,
     row_statistics,
 )
 from app.observability import PrometheusMetrics
+from app.quality.ids import predictions_of
 from app.quality.store import DriftSegment, DriftStore, DriftWindow
 
 logger = logging.getLogger(__name__)
@@ -229,7 +228,9 @@ class DriftMonitor:
             values = row_statistics(self._features, self.modality, _stack([inputs for inputs, _ in group]))
             codes = [bin_index(edges, values[:, j]) for j, edges in enumerate(self._edges)]
             if self._labels:
-                predicted = np.concatenate([_predicted(outputs) for _, outputs in group])
+                predicted = np.concatenate(
+                    [predictions_of("classification", outputs) for _, outputs in group]
+                )
                 codes.append(np.where((predicted >= 0) & (predicted < len(self._labels)), predicted, -1))
             blocks.append(np.stack(codes, axis=1))
         stacked = np.concatenate(blocks)
@@ -352,10 +353,3 @@ def _stack(group: list[Tensors]) -> Tensors:
     if len(group) == 1:
         return group[0]
     return {name: np.concatenate([inputs[name] for inputs in group]) for name in group[0]}
-
-
-def _predicted(outputs: Tensors) -> np.ndarray:
-    """The predicted class index of each row: `label_index`, or the argmax of `probabilities`."""
-    if LABEL_INDEX_OUTPUT in outputs:
-        return np.asarray(outputs[LABEL_INDEX_OUTPUT], dtype=np.int64).reshape(-1)
-    return np.asarray(np.argmax(outputs[PROBABILITIES_OUTPUT], axis=1), dtype=np.int64)
